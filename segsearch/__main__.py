@@ -1,0 +1,5 @@
+"""`python -m segsearch` runs the command line."""
+
+from segsearch.cli import main
+
+main()

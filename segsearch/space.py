@@ -1,0 +1,261 @@
+"""Search spaces in YAML → a validated `SearchSpec` and an Optuna define-by-run function."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from segsearch.errors import UserError
+
+Scalar = str | int | float | bool | None
+SECTIONS = ("model", "loss", "optim", "aug")
+TOP_LEVEL_KEYS = ("batch_size", "image_size", "seed")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SchedulerSpec(_Strict):
+    kind: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=3, gt=1)
+
+
+class SamplerSpec(_Strict):
+    kind: Literal["tpe", "random"] = "tpe"
+    seed: int | None = 0
+
+
+class ResourcesSpec(_Strict):
+    workers: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+
+
+class SearchSpec(_Strict):
+    """A whole search-space file; `space` holds the parameters as `Param`s in file order."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    metric: str = "val_miou"
+    mode: Literal["max", "min"] = "max"
+    trials: int = Field(default=8, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    epochs: int = Field(default=10, ge=1)
+    scheduler: SchedulerSpec = SchedulerSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def params(self) -> list[Param]:
+        return [parse_param(key, value) for key, value in self.space.items()]
+
+    def define_by_run(self, trial: Any) -> dict[str, Any]:
+        """Optuna define-by-run: suggest each parameter whose `when` holds; return the constants."""
+        chosen: dict[str, Any] = flatten(self.fixed)
+        for param in self.params:
+            if param.active(chosen):
+                chosen[param.key] = param.suggest(trial)
+        return flatten(self.fixed)
+
+    def with_overrides(self, **overrides: Any) -> SearchSpec:
+        """A copy with CLI overrides (trials, epochs, name) applied where given."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_copy(update=given)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search dimension: `key` in dotted form, a distribution, and an optional condition."""
+
+    key: str
+    kind: Literal["choice", "int", "float"]
+    choices: tuple[Scalar, ...] = ()
+    low: float = 0
+    high: float = 0
+    step: float | None = None
+    log: bool = False
+    when: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
+
+    def active(self, chosen: Mapping[str, Any]) -> bool:
+        return all(key in chosen and chosen[key] in values for key, values in self.when)
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.key, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(
+                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+
+def parse_param(key: str, spec: Any) -> Param:
+    """Validate one `space:` entry; every error names `space.<key>` and the rule broken."""
+    where = f"space.{key}"
+    section = key.split(".", 1)[0]
+    known = section in SECTIONS if "." in key else key in TOP_LEVEL_KEYS
+    if not known:
+        raise UserError(
+            f"{where}: unknown parameter; use <section>.<name> with a section from "
+            f"{list(SECTIONS)}, or one of {list(TOP_LEVEL_KEYS)}"
+        )
+    if not isinstance(spec, Mapping):
+        raise UserError(f"{where}: expected a mapping like {{choice: [...]}}, got {spec!r}")
+    kinds = [k for k in ("choice", "int", "float") if k in spec]
+    if len(kinds) != 1:
+        raise UserError(f"{where}: give exactly one of choice, int, float (got {sorted(spec)})")
+    kind = kinds[0]
+    allowed = {kind, "when"} | ({"step", "log"} if kind != "choice" else set())
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise UserError(f"{where}: unknown field(s) {extra}; allowed here: {sorted(allowed)}")
+    when = _parse_when(where, spec.get("when"))
+    if kind == "choice":
+        return Param(key, "choice", choices=_parse_choices(where, spec["choice"]), when=when)
+    low, high = _parse_range(where, kind, spec[kind])
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"{where}: log must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise UserError(f"{where}: log scale needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int | float) or step <= 0:
+            raise UserError(f"{where}: step must be a positive number, got {step!r}")
+        if kind == "int" and not float(step).is_integer():
+            raise UserError(f"{where}: int step must be a whole number, got {step}")
+        if log:
+            raise UserError(f"{where}: step and log cannot be combined")
+    return Param(key, kind, low=low, high=high, step=step, log=log, when=when)
+
+
+def _parse_choices(where: str, choices: Any) -> tuple[Scalar, ...]:
+    if not isinstance(choices, list) or not choices:
+        raise UserError(f"{where}: choice needs a non-empty list, got {choices!r}")
+    for value in choices:
+        if not isinstance(value, str | int | float | bool) and value is not None:
+            raise UserError(
+                f"{where}: choice values must be strings, numbers, booleans or null, got {value!r}"
+            )
+    if len({repr(v) for v in choices}) != len(choices):
+        raise UserError(f"{where}: choice lists a value twice: {choices}")
+    return tuple(choices)
+
+
+def _parse_range(where: str, kind: str, bounds: Any) -> tuple[float, float]:
+    if not isinstance(bounds, list) or len(bounds) != 2:
+        raise UserError(f"{where}: {kind} range must be [low, high], got {bounds!r}")
+    for value in bounds:
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not is_number or (kind == "int" and not float(value).is_integer()):
+            raise UserError(f"{where}: {kind} range bounds must be {kind}s, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"{where}: {kind} range bounds must be finite, got {value!r}")
+    low, high = bounds
+    if low > high:
+        raise UserError(f"{where}: {kind} range low {low} > high {high}")
+    return float(low), float(high)
+
+
+def _parse_when(where: str, when: Any) -> tuple[tuple[str, tuple[Scalar, ...]], ...]:
+    if when is None:
+        return ()
+    if not isinstance(when, Mapping) or not when:
+        raise UserError(f"{where}.when: expected a mapping like {{model.arch: fcn}}, got {when!r}")
+    parsed = []
+    for key, value in when.items():
+        values = tuple(value) if isinstance(value, list) else (value,)
+        parsed.append((str(key), values))
+    return tuple(parsed)
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"arch": "unet"}} → {"model.arch": "unet"}; dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and key in SECTIONS:
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"model.arch": "unet", "batch_size": 8} → {"model": {"arch": "unet"}, "batch_size": 8}."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def packaged_space(filename: str) -> Path:
+    """A space shipped with segsearch (the repository's search_spaces/ folder)."""
+    path = Path(__file__).resolve().parent.parent / "search_spaces" / filename
+    if not path.exists():
+        raise UserError(f"{filename}: not found in {path.parent}; pass a space file explicitly")
+    return path
+
+
+def load_space(path: str | Path) -> SearchSpec:
+    """Read and validate a search-space YAML file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: search-space file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return parse_space(raw, source=str(path))
+
+
+def parse_space(raw: Mapping[str, Any], *, source: str = "<space>") -> SearchSpec:
+    """Validate a search space given as a mapping (the parsed YAML)."""
+    try:
+        spec = SearchSpec.model_validate(dict(raw))
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{source}: {field}: {first['msg']}") from None
+    try:
+        _check_params(spec)
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
+    return spec
+
+
+def _check_params(spec: SearchSpec) -> None:
+    defined = set(flatten(spec.fixed))
+    for key in defined:
+        section = key.split(".", 1)[0]
+        if key not in TOP_LEVEL_KEYS and section not in SECTIONS:
+            raise UserError(
+                f"fixed.{key}: unknown key; use a section from {list(SECTIONS)} "
+                f"or one of {list(TOP_LEVEL_KEYS)}"
+            )
+    for param in spec.params:
+        if param.key in defined:
+            raise UserError(f"space.{param.key}: defined twice (also in fixed or earlier)")
+        for key, _ in param.when:
+            if key not in defined:
+                raise UserError(
+                    f"space.{param.key}.when: {key} must be defined above it or in fixed"
+                )
+        defined.add(param.key)
