@@ -1,0 +1,71 @@
+"""One concise line per trial event, and the final table, in place of Ray's own progress output."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ray.tune import Callback
+
+SHOWN_PARAMS = ("model.arch", "model.depth", "model.width", "model.upsample", "loss.kind")
+
+
+class TrialProgress(Callback):
+    """Prints `trial <id> started | epoch k/E metric=… | stopped early | finished | failed`."""
+
+    def __init__(self, *, metric: str, epochs: int, echo: Callable[[str], None] = print) -> None:
+        self.metric = metric
+        self.epochs = epochs
+        self.echo = echo
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.echo(f"trial {trial.trial_id} started: {describe(trial.config)}")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        epoch = result.get("training_iteration", "?")
+        score = result.get(self.metric, math.nan)
+        speed = result.get("images_per_s", math.nan)
+        self.echo(
+            f"trial {trial.trial_id} epoch {epoch}/{self.epochs} {self.metric}={score:.4f} "
+            f"train_loss={result.get('train_loss', math.nan):.4f} ({speed:.1f} img/s)"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        done = (trial.last_result or {}).get("training_iteration", 0)
+        how = "finished" if done >= self.epochs else f"stopped early after epoch {done}"
+        self.echo(f"trial {trial.trial_id} {how}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.echo(f"trial {trial.trial_id} failed (see its error.txt under {trial.path})")
+
+
+def describe(config: dict[str, Any]) -> str:
+    """The few parameters people scan for first, in a fixed order."""
+    parts = [f"{key.split('.')[-1]}={config[key]}" for key in SHOWN_PARAMS if key in config]
+    if "optim.lr" in config:
+        parts.append(f"lr={config['optim.lr']:.2g}")
+    return " ".join(parts)
+
+
+def format_table(rows: Sequence[dict[str, Any]], *, metric: str) -> str:
+    """A plain-text table of trials: id, metric, epochs run, and the key parameters."""
+    header = ["trial", metric, "epochs", "params"]
+    lines = [header] + [
+        [
+            row["trial_id"],
+            "nan" if row[metric] is None else f"{row[metric]:.4f}",
+            str(row["epochs"]),
+            describe(row["config"]),
+        ]
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line[:3], widths, strict=True))
+        + "  "
+        + line[3]
+        for line in lines
+    )

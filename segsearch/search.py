@@ -1,0 +1,290 @@
+"""The search: Optuna in Ray Tune, ASHA early stopping, and a Ray Train job per trial."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segsearch.config import TrialConfig
+from segsearch.data.format import DatasetInfo, read_dataset_info
+from segsearch.errors import UserError
+from segsearch.progress import TrialProgress, format_table
+from segsearch.space import SearchSpec, nest
+
+#: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
+DATA_CPU_RESERVE = 1.0
+#: Validation images drawn in each trial's overlay picture.
+OVERLAY_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one search shares; shipped once through the object store."""
+
+    search_name: str
+    dataset: str
+    dataset_info: dict[str, Any]
+    storage: str
+    epochs: int
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+    overlay: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of a search: the best trial and a row per trial."""
+
+    name: str
+    metric: str
+    mode: str
+    best_trial_id: str | None
+    best_metric: float | None
+    best_config: dict[str, Any]
+    best_checkpoint: str | None
+    trials: list[dict[str, Any]]
+    experiment_path: str
+
+    @property
+    def worst_metric(self) -> float | None:
+        scores = [t[self.metric] for t in self.trials if t[self.metric] is not None]
+        if not scores:
+            return None
+        return min(scores) if self.mode == "max" else max(scores)
+
+    def table(self, top: int | None = None) -> str:
+        return format_table(self.trials[:top], metric=self.metric)
+
+
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Tune's trainable: run one trial as a Ray Train job and let TuneReportCallback relay it."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from segsearch.data.ray_data import load_splits
+    from segsearch.train import train_loop_per_worker
+
+    trial = {**nest(config), "epochs": context.epochs}
+    image_size = trial.get("image_size")
+    datasets = load_splits(context.dataset, image_size=tuple(image_size) if image_size else None)
+    trial_id = ray.tune.get_context().get_trial_id()
+    resources = {"CPU": context.cpus_per_worker}
+    if context.gpus_per_worker:
+        resources["GPU"] = context.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "trial": trial,
+            "dataset": context.dataset,
+            "dataset_info": context.dataset_info,
+            "overlay": context.overlay,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=context.workers,
+            use_gpu=context.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=f"{context.storage.rstrip('/')}/{context.search_name}-train",
+            failure_config=ray.train.FailureConfig(max_failures=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def run_search(
+    spec: SearchSpec,
+    *,
+    dataset: str,
+    storage: str | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    callbacks: list[Any] | None = None,
+    echo: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or resume) a search described by `spec` over the dataset at `dataset`.
+
+    Everything a user can get wrong (space, dataset, storage) is checked before trials start.
+    """
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from segsearch.ray_setup import init_ray
+
+    info = read_dataset_info(dataset)
+    check_trial_configs(spec, info)
+    storage = resolve_storage(storage)
+    experiment_path = f"{storage.rstrip('/')}/{spec.name}"
+    init_ray(address)
+    context = TrialContext(
+        search_name=spec.name,
+        dataset=dataset,
+        dataset_info=info.to_dict(),
+        storage=storage,
+        epochs=spec.epochs,
+        workers=spec.resources.workers,
+        gpus_per_worker=spec.resources.gpus_per_worker,
+        cpus_per_worker=spec.resources.cpus_per_worker,
+        overlay=_overlay_batch(dataset, spec),
+    )
+    trainable = ray.tune.with_parameters(run_trial, context=context)
+    run_callbacks = [TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo)]
+    run_callbacks += callbacks or []
+    can_restore = ray.tune.Tuner.can_restore(experiment_path)
+    if resume and can_restore:
+        echo(f"resuming search {spec.name!r} from {experiment_path}")
+        tuner = ray.tune.Tuner.restore(
+            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        if can_restore:
+            raise UserError(
+                f"a search named {spec.name!r} already exists at {experiment_path}; "
+                "pass --resume to continue it or choose another --name"
+            )
+        sampler = _sampler(spec)
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=spec.epochs,
+                grace_period=min(spec.scheduler.grace_period, spec.epochs),
+                reduction_factor=spec.scheduler.reduction_factor,
+            )
+            if spec.scheduler.kind == "asha"
+            else FIFOScheduler()
+        )
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                search_alg=OptunaSearch(
+                    space=spec.define_by_run, metric=spec.metric, mode=spec.mode, sampler=sampler
+                ),
+                scheduler=scheduler,
+                num_samples=spec.trials,
+                max_concurrent_trials=spec.max_concurrent or default_concurrency(spec),
+            ),
+            run_config=ray.tune.RunConfig(
+                name=spec.name,
+                storage_path=storage,
+                failure_config=ray.tune.FailureConfig(max_failures=1),
+                callbacks=run_callbacks,
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    return _summarize(grid, spec, experiment_path)
+
+
+def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 16) -> None:
+    """Sample the space without Ray and build each trial's parts, so bad values fail up front."""
+    import optuna
+
+    from segsearch.data.augment import build_augment
+    from segsearch.losses import build_loss
+    from segsearch.models import build_model
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(samples):
+        ot_trial = study.ask()
+        constants = spec.define_by_run(ot_trial)
+        trial = TrialConfig.from_dict({**nest({**ot_trial.params, **constants})})
+        build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
+        build_loss(
+            trial.loss,
+            num_classes=info.num_classes,
+            ignore_index=info.ignore_index,
+            class_pixel_counts=info.class_pixel_counts,
+        )
+        build_augment(trial.aug, ignore_index=info.ignore_index)
+        study.tell(ot_trial, 0.0)
+
+
+def default_concurrency(spec: SearchSpec) -> int:
+    """Trials that fit at once: by GPUs when trials use them, else by CPUs less Ray Data's share."""
+    import ray
+
+    total = ray.cluster_resources()
+    res = spec.resources
+    if res.gpus_per_worker > 0:
+        fit = total.get("GPU", 0) / (res.workers * res.gpus_per_worker)
+    else:
+        per_trial = 1 + res.workers * res.cpus_per_worker
+        fit = (total.get("CPU", 0) - DATA_CPU_RESERVE) / per_trial
+    return max(1, math.floor(fit))
+
+
+def resolve_storage(storage: str | None) -> str:
+    """Where Tune keeps its state and checkpoints: a local folder (made absolute) or s3://."""
+    storage = storage or os.environ.get("SEGSEARCH_STORAGE") or "segsearch-runs"
+    if "://" in storage:
+        return storage
+    path = Path(storage).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _sampler(spec: SearchSpec) -> Any:
+    import optuna
+
+    if spec.sampler.kind == "random":
+        return optuna.samplers.RandomSampler(seed=spec.sampler.seed)
+    return optuna.samplers.TPESampler(seed=spec.sampler.seed)
+
+
+def _overlay_batch(dataset: str, spec: SearchSpec) -> dict[str, np.ndarray]:
+    """A fixed handful of validation images every trial draws its overlay picture from."""
+    from segsearch.data.ray_data import load_splits
+
+    image_size = spec.fixed.get("image_size")
+    val = load_splits(dataset, image_size=tuple(image_size) if image_size else None)["val"]
+    batch = val.limit(OVERLAY_IMAGES).take_batch(OVERLAY_IMAGES, batch_format="numpy")
+    return {"image": np.asarray(batch["image"]), "mask": np.asarray(batch["mask"])}
+
+
+def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        score = metrics.get(spec.metric)
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id", "?"),
+                spec.metric: None if score is None or math.isnan(score) else float(score),
+                "epochs": metrics.get("training_iteration", 0),
+                "config": result.config or {},
+                "checkpoint": metrics.get("checkpoint_path"),
+                "error": str(result.error) if result.error else None,
+            }
+        )
+    sign = -1 if spec.mode == "max" else 1
+    rows.sort(key=lambda r: math.inf if r[spec.metric] is None else sign * r[spec.metric])
+    best = rows[0] if rows and rows[0][spec.metric] is not None else None
+    return SearchResult(
+        name=spec.name,
+        metric=spec.metric,
+        mode=spec.mode,
+        best_trial_id=best["trial_id"] if best else None,
+        best_metric=best[spec.metric] if best else None,
+        best_config=nest(best["config"]) if best else {},
+        best_checkpoint=best["checkpoint"] if best else None,
+        trials=rows,
+        experiment_path=experiment_path,
+    )

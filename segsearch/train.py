@@ -1,0 +1,255 @@
+"""One trial's training: `train_loop_per_worker` runs on every Ray Train worker (DDP)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+
+from segsearch.checkpoint import save_model
+from segsearch.config import OptimConfig, TrialConfig
+from segsearch.data.augment import build_augment
+from segsearch.data.format import DatasetInfo
+from segsearch.losses import build_loss
+from segsearch.metrics import ConfusionMatrix
+from segsearch.models import build_model, count_parameters
+from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
+
+MODEL_FILE = "model.pt"
+TRAIN_STATE = "train_state.pt"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train one trial's model; report metrics and a checkpoint every epoch (rank 0 writes it).
+
+    `config` holds `trial` (the nested trial config), `dataset_info` (dataset.json as a dict),
+    `dataset` (its URI) and `overlay` (a few fixed validation images and masks for pictures).
+    """
+    import ray.train
+    import ray.train.torch
+
+    trial = TrialConfig.from_dict(config["trial"])
+    info = DatasetInfo.from_dict(config["dataset_info"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(trial.seed + rank)
+
+    model = build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
+    num_params = count_parameters(model)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    net = _unwrap(model)
+    loss_fn = build_loss(
+        trial.loss,
+        num_classes=info.num_classes,
+        ignore_index=info.ignore_index,
+        class_pixel_counts=info.class_pixel_counts,
+    )
+    augment = build_augment(trial.aug, ignore_index=info.ignore_index)
+    steps_per_epoch = max(1, info.splits["train"] // (world * trial.batch_size))
+    optimizer = _make_optimizer(trial.optim, model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(trial.optim, steps_per_epoch, trial.epochs)
+    )
+    start_epoch = _restore(ray.train.get_checkpoint(), net, optimizer, scheduler)
+    normalize = _Normalizer(info, device)
+    generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
+
+    for epoch in range(start_epoch + 1, trial.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        loss_sum, images = 0.0, 0
+        for image, mask in _batches(ray.train.get_dataset_shard("train"), trial, device, True):
+            image, mask = augment(image, mask, generator=generator)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                logits = model(normalize(image))
+            loss = loss_fn(logits.float(), mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(image)
+            images += len(image)
+        train_time = time.perf_counter() - started
+        loss_sum, images = _sum_across_workers([loss_sum, images], device)
+
+        matrix = _evaluate(net, ray.train.get_dataset_shard("val"), trial, info, normalize, device)
+        scores = matrix.compute()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(images, 1),
+            "val_miou": scores["miou"],
+            "val_dice": scores["dice"],
+            "val_pixel_acc": scores["pixel_acc"],
+            **{f"val_iou_{c}": iou for c, iou in zip(info.classes, scores["iou"], strict=True)},
+            "epoch_time_s": time.perf_counter() - started,
+            "images_per_s": images / max(train_time, 1e-9),
+            "num_params": num_params,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                _write_checkpoint(Path(tmp), net, optimizer, scheduler, epoch, config, scores, info)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP: used where only some ranks run forward (no collectives)."""
+    return model.module if hasattr(model, "module") else model
+
+
+class _Normalizer:
+    """Scales 0..1 images by the dataset's per-channel mean and std."""
+
+    def __init__(self, info: DatasetInfo, device: torch.device) -> None:
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1).clamp_min(1e-6)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+
+def _batches(
+    shard: Any, trial: TrialConfig, device: torch.device, training: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from a Ray Data shard."""
+    batches = shard.iter_batches(
+        batch_size=trial.batch_size,
+        batch_format="numpy",
+        drop_last=training,
+        local_shuffle_buffer_size=4 * trial.batch_size if training else None,
+        local_shuffle_seed=trial.seed if training else None,
+    )
+    for batch in batches:
+        image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
+        mask = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(device)
+        yield image.permute(0, 3, 1, 2).float().div_(255), mask.long()
+
+
+@torch.no_grad()
+def _evaluate(
+    net: nn.Module,
+    shard: Any,
+    trial: TrialConfig,
+    info: DatasetInfo,
+    normalize: _Normalizer,
+    device: torch.device,
+) -> ConfusionMatrix:
+    net.eval()
+    matrix = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
+    on_gpu = device.type == "cuda"
+    for image, mask in _batches(shard, trial, device, False):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            logits = net(normalize(image))
+        matrix.update(logits.argmax(1), mask)
+    matrix.all_reduce()
+    return matrix
+
+
+def _sum_across_workers(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _make_optimizer(optim: OptimConfig, params: Any) -> torch.optim.Optimizer:
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def _lr_factor(optim: OptimConfig, steps_per_epoch: int, epochs: int):
+    """Per-step multiplier of the base lr: linear warmup, then constant, cosine or poly decay."""
+    warmup = int(optim.warmup_epochs * steps_per_epoch)
+    total = max(steps_per_epoch * epochs, warmup + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / (total - warmup), 1.0)
+        if optim.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if optim.schedule == "poly":
+            return (1 - progress) ** 0.9
+        return 1.0
+
+    return factor
+
+
+def _restore(checkpoint: Any, net: nn.Module, optimizer: Any, scheduler: Any) -> int:
+    """Load the latest checkpoint of this run, if any; return the last finished epoch."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        net.load_state_dict(_load(Path(directory) / MODEL_FILE))
+        state = _load(Path(directory) / TRAIN_STATE)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"])
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def _write_checkpoint(
+    directory: Path,
+    net: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    epoch: int,
+    config: dict[str, Any],
+    scores: dict[str, Any],
+    info: DatasetInfo,
+) -> None:
+    trial = config["trial"]
+    meta = {
+        "model": trial.get("model", {}),
+        "in_channels": info.channels,
+        "num_classes": info.num_classes,
+        "classes": list(info.classes),
+        "ignore_index": info.ignore_index,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "image_size": trial.get("image_size"),
+        "dataset": config["dataset"],
+        "config": trial,
+        "epoch": epoch,
+    }
+    save_model(directory, net, meta)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+        directory / TRAIN_STATE,
+    )
+    overlay = config.get("overlay")
+    if overlay:
+        images, masks = overlay["image"], overlay["mask"]
+        device = next(net.parameters()).device
+        batch = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
+        net.eval()
+        preds = net(_Normalizer(info, device)(batch)).argmax(1).cpu().numpy()
+        picture = render_overlays(
+            images, masks, preds, classes=info.classes, ignore_index=info.ignore_index
+        )
+        Image.fromarray(picture).save(directory / "overlays.png")
+    plot_confusion(np.asarray(scores["matrix"]), info.classes, directory / "confusion.png")
+    write_class_iou_csv(scores["iou"], info.classes, directory / "class_iou.csv")
