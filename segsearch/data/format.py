@@ -1,0 +1,178 @@
+"""The dataset format: Parquet shards per split plus dataset.json, the contract with training.
+
+```
+<root>/dataset.json                written last: without it a dataset is incomplete
+<root>/<split>/part-00000.parquet  id, image (PNG/JPEG), mask (PNG of class ids), height, width
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from segsearch.data.storage import filesystem_for, join, storage_errors
+from segsearch.errors import UserError
+
+FORMAT = "segsearch/v1"
+INFO_FILE = "dataset.json"
+REQUIRED_SPLITS = ("train", "val")
+SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("mask", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What dataset.json says: everything a trial needs to know before it reads a pixel."""
+
+    classes: tuple[str, ...]
+    ignore_index: int
+    splits: Mapping[str, int]
+    class_pixel_counts: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    format: str = field(default=FORMAT)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "classes": list(self.classes),
+            "ignore_index": self.ignore_index,
+            "channels": self.channels,
+            "splits": dict(self.splits),
+            "class_pixel_counts": list(self.class_pixel_counts),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = INFO_FILE) -> DatasetInfo:
+        """Validate every field; a bad one fails with a UserError naming `source` and the field."""
+        return _parse(data, source)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = INFO_FILE) -> DatasetInfo:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{source} is not valid JSON: {err}") from None
+        return _parse(data, source)
+
+
+def read_dataset_info(uri: str) -> DatasetInfo:
+    """Read and validate `<uri>/dataset.json`; the one place everything else gets metadata from."""
+    fs, root = filesystem_for(uri)
+    source = f"{uri.rstrip('/')}/{INFO_FILE}"
+    try:
+        with storage_errors(uri), fs.open_input_stream(join(root, INFO_FILE)) as stream:
+            text = stream.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"no dataset at {uri} ({INFO_FILE} missing: incomplete ingest?)") from None
+    return DatasetInfo.from_json(text, source=source)
+
+
+def shard_paths(fs: pafs.FileSystem, root: str, split: str) -> list[str]:
+    """The shard files of one split, in order (filesystem paths)."""
+    selector = pafs.FileSelector(join(root, split), allow_not_found=True)
+    files = fs.get_file_info(selector)
+    return sorted(
+        f.path for f in files if f.type == pafs.FileType.File and SHARD_PATTERN.match(f.base_name)
+    )
+
+
+def _parse(data: Any, source: str) -> DatasetInfo:
+    def bad(name: str, rule: str) -> UserError:
+        value = data.get(name, "<missing>") if isinstance(data, dict) else data
+        return UserError(f"{source}: field {name!r} {rule}, got {_short(value)}")
+
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise bad("format", f"must be {FORMAT!r} (the format this segsearch reads)")
+    classes = data.get("classes")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise bad("classes", "must be a non-empty list of distinct non-empty names")
+    ignore_index = data.get("ignore_index")
+    if not _is_int(ignore_index) or not len(classes) <= ignore_index <= 255:
+        raise bad("ignore_index", f"must be an integer in {len(classes)}..255 (not a class id)")
+    channels = data.get("channels")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise bad("channels", "must be 1 or 3")
+    splits = data.get("splits")
+    if (
+        not isinstance(splits, dict)
+        or not all(isinstance(k, str) and k and _is_int(v) and v >= 0 for k, v in splits.items())
+        or not all(splits.get(name, 0) > 0 for name in REQUIRED_SPLITS)
+    ):
+        raise bad("splits", "must map split names to image counts, with train and val non-empty")
+    counts = data.get("class_pixel_counts")
+    if (
+        not isinstance(counts, list)
+        or len(counts) != len(classes)
+        or not all(_is_int(c) and c >= 0 for c in counts)
+    ):
+        raise bad("class_pixel_counts", f"must be {len(classes)} non-negative integers")
+    mean = data.get("mean")
+    if not _floats(mean, channels) or not all(0 <= m <= 1 for m in mean):
+        raise bad("mean", f"must be {channels} numbers in 0..1")
+    std = data.get("std")
+    if not _floats(std, channels) or not all(0 <= s <= 1 for s in std):
+        raise bad("std", f"must be {channels} numbers in 0..1")
+    return DatasetInfo(
+        classes=tuple(classes),
+        ignore_index=ignore_index,
+        splits=dict(splits),
+        class_pixel_counts=tuple(counts),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        channels=channels,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _floats(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+    )
+
+
+def _short(value: Any) -> str:
+    text = value if value == "<missing>" else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

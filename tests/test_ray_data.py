@@ -1,0 +1,127 @@
+"""Training input: datasets on S3 and local folders read back through Ray Data and Ray Train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segsearch.data.ingest import ingest, write_dataset
+from segsearch.data.ray_data import TorchCollate, load_splits
+from segsearch.errors import UserError
+from tests.test_ingest import make_pairs
+
+CLASSES = ["background", "cell", "border"]
+
+
+def collect(dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """id → (image, mask) for every row of a Ray Dataset."""
+    rows = {}
+    for batch in dataset.iter_batches(batch_size=4, batch_format="numpy"):
+        for sample_id, image, mask in zip(batch["id"], batch["image"], batch["mask"], strict=True):
+            rows[str(sample_id)] = (image, mask)
+    return rows
+
+
+def test_s3_round_trip_is_pixel_exact(tmp_path, s3_bucket, ray_cluster) -> None:
+    images, masks = make_pairs(tmp_path, n=9, size=(20, 24))
+    uri = f"s3://{s3_bucket}/pets"
+    info = ingest(images, masks, uri, classes=CLASSES, shard_size_mb=0.004)
+    datasets = load_splits(uri, image_size=None)
+    assert sorted(datasets) == ["train", "val"]
+    rows = {**collect(datasets["train"]), **collect(datasets["val"])}
+    assert len(collect(datasets["val"])) == info.splits["val"] == 2
+    assert sorted(rows) == [str(i) for i in range(9)]
+    for sample_id, (image, mask) in rows.items():
+        assert image.dtype == np.uint8 and mask.dtype == np.uint8
+        assert np.array_equal(image, np.asarray(Image.open(images / f"{sample_id}.png")))
+        assert np.array_equal(mask, np.asarray(Image.open(masks / f"{sample_id}.png")))
+
+
+def test_resize_is_bilinear_for_images_and_nearest_for_masks(tmp_path, ray_cluster) -> None:
+    images, masks = make_pairs(tmp_path, n=4, size=(20, 24), mode="L")
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8) + 7).save(images / "3.png")
+    dest = str(tmp_path / "ds")
+    ingest(images, masks, dest, classes=CLASSES, val_fraction=0.25)
+    rows = {**collect(load_splits(dest, image_size=(10, 8))["train"])}
+    rows.update(collect(load_splits(dest, image_size=[10, 8])["val"]))
+    for sample_id, (image, mask) in rows.items():
+        assert image.shape == (10, 8, 3) and mask.shape == (10, 8)
+        source = Image.open(images / f"{sample_id}.png").convert("RGB")
+        expected = np.asarray(source.resize((8, 10), Image.BILINEAR))
+        assert np.array_equal(image, expected)
+        source_mask = Image.open(masks / f"{sample_id}.png")
+        assert np.array_equal(mask, np.asarray(source_mask.resize((8, 10), Image.NEAREST)))
+    assert (rows["3"][0] == 7).all()
+
+
+def test_without_image_size_each_sample_keeps_its_size(tmp_path, ray_cluster) -> None:
+    rng = np.random.default_rng(0)
+    samples = [
+        ("train" if i < 3 else "val", f"s{i}", rng.integers(0, 256, (10 + i, 12, 3), np.uint8),
+         rng.integers(0, 2, (10 + i, 12), np.uint8))
+        for i in range(4)
+    ]  # fmt: skip
+    write_dataset(str(tmp_path / "ds"), samples, classes=["a", "b"])
+    rows = collect(load_splits(str(tmp_path / "ds"), image_size=None)["train"])
+    for _, sample_id, image, mask in samples[:3]:
+        assert np.array_equal(rows[sample_id][0], image)
+        assert np.array_equal(rows[sample_id][1], mask)
+
+
+def test_missing_or_inconsistent_dataset_fails_before_any_read(tmp_path) -> None:
+    with pytest.raises(UserError, match=r"dataset\.json missing"):
+        load_splits(str(tmp_path / "nothing"), image_size=None)
+    images, masks = make_pairs(tmp_path, n=4)
+    dest = tmp_path / "ds"
+    ingest(images, masks, str(dest), classes=CLASSES)
+    info = json.loads((dest / "dataset.json").read_text())
+    (dest / "dataset.json").write_text(json.dumps({**info, "splits": {"train": 5, "val": 1}}))
+    with pytest.raises(UserError, match=r"'train' has 3 rows in its shards, dataset\.json says 5"):
+        load_splits(str(dest), image_size=None)
+    with pytest.raises(UserError, match="image_size"):
+        load_splits(str(dest), image_size=(0, 4))
+
+
+@pytest.mark.timeout(300)
+def test_train_worker_streams_with_less_than_one_cpu_free(tmp_path, ray_cluster) -> None:
+    """The deadlock of DESIGN.md: the Train worker holds all but half a CPU; data must flow."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    images, masks = make_pairs(tmp_path, n=10, size=(20, 24))
+    dest = str(tmp_path / "ds")
+    ingest(images, masks, dest, classes=CLASSES)
+    out = tmp_path / "seen.json"
+
+    def loop(config: dict) -> None:
+        train = ray.train.get_dataset_shard("train")
+        seen = {"train": [], "shapes": []}
+        for batch in train.iter_torch_batches(batch_size=3, collate_fn=TorchCollate()):
+            seen["train"] += batch["id"]
+            seen["shapes"].append([list(batch["image"].shape), str(batch["mask"].dtype)])
+        val = ray.train.get_dataset_shard("val")
+        seen["val"] = [str(i) for b in val.iter_batches(batch_size=2) for i in b["id"]]
+        Path(config["out"]).write_text(json.dumps(seen))
+
+    free = 0.5
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"out": str(out)},
+        datasets=load_splits(dest, image_size=(16, 16)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1,
+            resources_per_worker={"CPU": ray.cluster_resources()["CPU"] - free},
+        ),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="stream"),
+    )
+    trainer.fit()
+    seen = json.loads(out.read_text())
+    assert sorted(seen["train"] + seen["val"]) == sorted(str(i) for i in range(10))
+    assert len(seen["val"]) == 2
+    assert [3, 16, 16, 3] in [shape for shape, _ in seen["shapes"]]
+    assert {dtype for _, dtype in seen["shapes"]} == {"torch.uint8"}
