@@ -1,0 +1,302 @@
+"""Masks from a trained model: images in, one PNG of class ids per image out, the input's size.
+
+The model comes from the registry (models:/NAME@alias, models:/NAME/3), a run (runs:/ID/model)
+or a checkpoint directory (local or s3://); the images from a folder (local or s3://) or a
+segsearch Parquet dataset. Each image is resized to the size the model was trained at, normalised
+with the training mean/std, and the logits are resized back (bilinear) before the argmax.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segsearch.errors import UserError
+from segsearch.visualize import overlay as blend
+
+MASKS_DIR = "masks"
+OVERLAYS_DIR = "overlays"
+
+
+class MaskPredictor(nn.Module):
+    """uint8 images (N,H,W,C) → class ids (N,H,W): resize, normalise, net, resize back, argmax.
+
+    The same module serves `segsearch predict` and the model logged to MLflow, so the registry's
+    pyfunc and the CLI turn an image into the same mask.
+    """
+
+    def __init__(self, net: nn.Module, meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.net = net
+        channels = int(meta["in_channels"])
+        self.register_buffer(
+            "mean", torch.tensor(meta["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        )
+        std = torch.tensor(meta["std"], dtype=torch.float32).clamp_min(1e-6)
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+        if self.mean.shape[1] != channels or self.std.shape[1] != channels:
+            raise UserError(f"trial.json: mean/std need {channels} values (in_channels)")
+        size = meta.get("image_size")
+        self.size: tuple[int, int] | None = (int(size[0]), int(size[1])) if size else None
+        self.channels = channels
+        self.num_classes = int(meta["num_classes"])
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N,H,W,C → normalised float N,C,h,w at the trained image size.
+
+        Antialiased bilinear, like the PIL resize that fed training (segsearch.data.ray_data).
+        """
+        batch = images.permute(0, 3, 1, 2).float() / 255.0
+        if self.size is not None:
+            batch = F.interpolate(
+                batch, size=self.size, mode="bilinear", align_corners=False, antialias=True
+            )
+        return (batch - self.mean) / self.std
+
+    def finish(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Logits N,K,h,w → class ids N,H,W at the input's size.
+
+        Always resized, even to the same size (an exact copy), so that torch.export sees no
+        branch on the input's height and width.
+        """
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits.argmax(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.net(self.prepare(images)), images.shape[1:3])
+
+    def input_shape(self, image: np.ndarray) -> tuple[int, ...]:
+        """The network input shape for one image: images with equal ones can share a batch."""
+        return self.size if self.size is not None else image.shape[:2]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to segment; `name` is the output path relative to OUTPUT, without suffix."""
+
+    name: str
+    image: np.ndarray
+
+
+def load_predictor(model_uri: str, *, tracking_uri: str | None = None) -> MaskPredictor:
+    """A MaskPredictor from models:/…, runs:/… or a checkpoint directory (local or s3://)."""
+    if model_uri.startswith(("models:/", "runs:/")):
+        from segsearch.mlflow_model import load_logged_model
+
+        net, meta = load_logged_model(model_uri, tracking_uri=tracking_uri)
+    else:
+        from segsearch.checkpoint import load_model
+
+        net, meta = load_model(model_uri)
+    return MaskPredictor(net, meta).eval()
+
+
+def predict(
+    model_uri: str,
+    source: str,
+    dest: str,
+    *,
+    overlay: bool = False,
+    batch_size: int = 8,
+    device: str = "auto",
+    tracking_uri: str | None = None,
+) -> int:
+    """Write DEST/masks/<name>.png (and DEST/overlays/<name>.png) per input image; the count."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    target = pick_device(device)
+    items = iter_inputs(source)
+    first = next(items, None)
+    if first is None:
+        raise UserError(f"no images in {source} (PNG, JPEG or TIFF files, or a segsearch dataset)")
+    predictor = load_predictor(model_uri, tracking_uri=tracking_uri).to(target)
+    writer = _Writer(dest)
+    count = 0
+    for batch in _batches(_chain(first, items), predictor, batch_size):
+        for item, mask in zip(
+            batch, predict_masks(predictor, [i.image for i in batch]), strict=True
+        ):
+            writer.write(posixpath.join(MASKS_DIR, item.name + ".png"), mask)
+            if overlay:
+                picture = blend(item.image, mask, num_classes=predictor.num_classes)
+                writer.write(posixpath.join(OVERLAYS_DIR, item.name + ".png"), picture)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def predict_masks(predictor: MaskPredictor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Class-id masks (H,W uint8) for images that share a network input shape, in one batch."""
+    device = predictor.mean.device
+    tensors = [
+        torch.from_numpy(np.ascontiguousarray(_fit_channels(image, predictor.channels)))
+        for image in images
+    ]
+    inputs = torch.cat([predictor.prepare(t[None].to(device)) for t in tensors])
+    logits = predictor.net(inputs)
+    return [
+        predictor.finish(logits[index : index + 1], image.shape[:2])[0]
+        .to(torch.uint8)
+        .cpu()
+        .numpy()
+        for index, image in enumerate(images)
+    ]
+
+
+def pick_device(name: str) -> torch.device:
+    """auto → cuda when there is a GPU, else cpu; asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def iter_inputs(source: str) -> Iterator[Item]:
+    """Images of a folder (recursive, local or s3://) or every split of a segsearch dataset."""
+    import pyarrow.fs as pafs
+
+    from segsearch.data.format import INFO_FILE
+    from segsearch.data.storage import filesystem_for, join, storage_errors
+
+    filesystem, root = filesystem_for(source)
+    with storage_errors(source):
+        kind = filesystem.get_file_info(root).type
+        has_info = kind == pafs.FileType.Directory and (
+            filesystem.get_file_info(join(root, INFO_FILE)).type == pafs.FileType.File
+        )
+    if kind != pafs.FileType.Directory:
+        raise UserError(f"input {source} is not a folder of images or a segsearch dataset")
+    if has_info:
+        return _dataset_items(source, filesystem, root)
+    return _folder_items(source, filesystem, root)
+
+
+def _folder_items(source: str, filesystem: Any, root: str) -> Iterator[Item]:
+    import pyarrow.fs as pafs
+
+    from segsearch.data.images import IMAGE_SUFFIXES
+    from segsearch.data.storage import storage_errors
+
+    with storage_errors(source):
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(
+        info.path
+        for info in infos
+        if info.type == pafs.FileType.File and info.base_name.lower().endswith(IMAGE_SUFFIXES)
+    )
+    names: dict[str, str] = {}
+    for path in files:
+        name = posixpath.splitext(posixpath.relpath(path, root))[0]
+        if name in names:
+            raise UserError(
+                f"{names[name]} and {path} would both write {name}.png; rename one of them"
+            )
+        names[name] = path
+    for name, path in names.items():
+        with storage_errors(source), filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+        yield Item(name, _decode(data, path))
+
+
+def _dataset_items(source: str, filesystem: Any, root: str) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    from segsearch.data.format import read_dataset_info, shard_paths
+    from segsearch.data.storage import storage_errors
+
+    info = read_dataset_info(source)
+    for split in info.splits:
+        with storage_errors(source):
+            shards = shard_paths(filesystem, root, split)
+        for shard in shards:
+            with storage_errors(source), filesystem.open_input_file(shard) as handle:
+                for table in pq.ParquetFile(handle).iter_batches(
+                    batch_size=64, columns=["id", "image"]
+                ):
+                    for sample_id, data in zip(
+                        table.column("id").to_pylist(),
+                        table.column("image").to_pylist(),
+                        strict=True,
+                    ):
+                        name = posixpath.join(split, sample_id)
+                        if sample_id.startswith("/") or ".." in sample_id.split("/"):
+                            raise UserError(f"{shard}: id {sample_id!r} is not a safe file name")
+                        yield Item(name, _decode(data, f"{shard} id {sample_id!r}"))
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    from segsearch.data.images import decode_image
+
+    try:
+        return decode_image(data)
+    except UserError:
+        raise
+    except Exception as err:
+        text = str(err).strip()
+        raise UserError(
+            f"{where}: unreadable image ({text.splitlines()[0] if text else err!r})"
+        ) from None
+
+
+def _fit_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Gray for a colour model is repeated to 3 channels; colour for a gray model becomes luma."""
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    luma = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.rint(luma).clip(0, 255).astype(np.uint8)[..., None]
+
+
+def _chain(first: Item, rest: Iterable[Item]) -> Iterator[Item]:
+    yield first
+    yield from rest
+
+
+def _batches(items: Iterable[Item], predictor: MaskPredictor, size: int) -> Iterator[list[Item]]:
+    """Runs of up to `size` items whose network inputs have one shape."""
+    batch: list[Item] = []
+    for item in items:
+        if batch and (
+            len(batch) == size
+            or predictor.input_shape(item.image) != predictor.input_shape(batch[0].image)
+        ):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+class _Writer:
+    """PNG files under a local or s3:// destination, creating folders as needed."""
+
+    def __init__(self, dest: str) -> None:
+        from segsearch.data.storage import filesystem_for
+
+        self.dest = dest
+        self.filesystem, self.root = filesystem_for(dest)
+        self._made: set[str] = set()
+
+    def write(self, relative: str, array: np.ndarray) -> None:
+        from segsearch.data.images import encode_png
+        from segsearch.data.storage import join, storage_errors
+
+        path = join(self.root, relative)
+        parent = posixpath.dirname(path)
+        with storage_errors(self.dest):
+            if parent not in self._made:
+                self.filesystem.create_dir(parent, recursive=True)
+                self._made.add(parent)
+            with self.filesystem.open_output_stream(path) as stream:
+                stream.write(encode_png(array))

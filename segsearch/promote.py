@@ -1,0 +1,278 @@
+"""Promote a search's best trial to the MLflow Model Registry and point an alias at it.
+
+Guarded and repeatable: an alias never silently moves to a model that scored worse on the same
+dataset (unless forced), and promoting a run that already has a version reuses that version.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from segsearch.errors import UserError
+from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
+
+__all__ = ["Promotion", "promote"]
+
+MODEL_ARTIFACT = "model"
+ROLE_TAG = "segsearch.role"
+TRIAL_TAG = "segsearch.trial_id"
+TAG_PREFIX = "segsearch."
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What `promote` did: which version the alias points to, and whether anything changed."""
+
+    model_name: str
+    version: str
+    alias: str
+    run_id: str
+    trial: str
+    metric: str
+    value: float
+    created: bool
+    moved: bool
+    previous: str | None
+
+    def describe(self) -> str:
+        """One line for the CLI."""
+        what = f"{self.model_name} version {self.version} (trial {self.trial}, "
+        what += f"{self.metric}={self.value:.4f})"
+        if not self.moved:
+            return f"{self.model_name}@{self.alias} already is {what}; nothing changed"
+        verb = "registered" if self.created else "reused"
+        before = f", was version {self.previous}" if self.previous else ""
+        return f"{verb} {what}; {self.model_name}@{self.alias} → {self.version}{before}"
+
+
+def promote(
+    search_name: str,
+    *,
+    model_name: str,
+    alias: str = "champion",
+    metric: str = "val_miou",
+    mode: str = "max",
+    force: bool = False,
+    tracking_uri: str | None = None,
+) -> Promotion:
+    """Register the best finished trial of a search as a version of `model_name`; move the alias."""
+    from mlflow import MlflowClient
+
+    if mode not in ("max", "min"):
+        raise UserError(f"--mode must be max or min, got {mode!r}")
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_server(uri, existing=True)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _mlflow_errors(uri):
+        experiment = client.get_experiment_by_name(search_name)
+        if experiment is None:
+            raise UserError(
+                f"no search {search_name!r} at {uri}: no MLflow experiment of that name "
+                "(the experiment is named after the search; check --tracking-uri)"
+            )
+        run, model_id = _best_trial(client, experiment.experiment_id, search_name, metric, mode)
+        value = run.data.metrics[metric]
+        dataset = _dataset(client, run)
+        trial = run.data.tags.get(TRIAL_TAG) or run.info.run_name or run.info.run_id
+        current = _alias_version(client, model_name, alias)
+        existing = _version_of_run(client, model_name, run.info.run_id)
+        common = dict(
+            model_name=model_name,
+            alias=alias,
+            run_id=run.info.run_id,
+            trial=trial,
+            metric=metric,
+            value=value,
+        )
+        if current is not None and existing is not None and current.version == existing.version:
+            return Promotion(
+                version=current.version, created=False, moved=False, previous=None, **common
+            )
+        if current is not None and not force:
+            _gate(current, model_name, alias, metric, mode, value, dataset, trial, search_name)
+        version = existing
+        if version is None:
+            _ensure_registered_model(client, model_name)
+            tags = {
+                f"{TAG_PREFIX}search": search_name,
+                f"{TAG_PREFIX}trial": trial,
+                f"{TAG_PREFIX}metric": metric,
+                f"{TAG_PREFIX}metric_value": repr(value),
+                f"{TAG_PREFIX}mode": mode,
+                f"{TAG_PREFIX}dataset": dataset,
+            }
+            version = client.create_model_version(
+                name=model_name,
+                source=f"models:/{model_id}",
+                run_id=run.info.run_id,
+                tags=tags,
+                model_id=model_id,
+            )
+        client.set_registered_model_alias(model_name, alias, version.version)
+    return Promotion(
+        version=version.version,
+        created=existing is None,
+        moved=True,
+        previous=current.version if current is not None else None,
+        **common,
+    )
+
+
+def _best_trial(
+    client: Any, experiment_id: str, search_name: str, metric: str, mode: str
+) -> tuple[Any, str]:
+    """The finished trial run with the best `metric` among those with a logged model."""
+    runs = _all_runs(
+        client,
+        experiment_id,
+        f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'",
+    )
+    if not runs:
+        raise UserError(f"search {search_name!r} has no finished trial runs yet")
+    scored = [r for r in runs if math.isfinite(r.data.metrics.get(metric, math.nan))]
+    if not scored:
+        known = sorted({name for r in runs for name in r.data.metrics})
+        raise UserError(
+            f"no finished trial of search {search_name!r} logged metric {metric!r}; "
+            f"choose --metric from {known}"
+        )
+    scored.sort(key=lambda r: r.data.metrics[metric], reverse=mode == "max")
+    models = _logged_models(client, experiment_id)
+    for run in scored:
+        if run.info.run_id in models:
+            return run, models[run.info.run_id]
+    raise UserError(
+        f"no finished trial of search {search_name!r} has a logged model "
+        f"(artifact {MODEL_ARTIFACT!r}); the search logs one for its best trial when it ends"
+    )
+
+
+def _all_runs(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _logged_models(client: Any, experiment_id: str) -> dict[str, str]:
+    """Run id → id of the newest ready model logged under MODEL_ARTIFACT by that run."""
+    from mlflow.entities import LoggedModelStatus
+
+    found: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids=[experiment_id],
+            filter_string=f"name = '{MODEL_ARTIFACT}'",
+            page_token=token,
+        )
+        for model in page:
+            if model.status != LoggedModelStatus.READY or not model.source_run_id:
+                continue
+            best = found.get(model.source_run_id)
+            if best is None or model.creation_timestamp > best.creation_timestamp:
+                found[model.source_run_id] = model
+        token = page.token
+        if not token:
+            return {run_id: model.model_id for run_id, model in found.items()}
+
+
+def _dataset(client: Any, run: Any) -> str:
+    """The run's dataset URI (param or tag `dataset`), else its parent search run's."""
+    for candidate in (run, _parent(client, run)):
+        if candidate is None:
+            continue
+        for table in (candidate.data.params, candidate.data.tags):
+            value = table.get("dataset") or table.get(f"{TAG_PREFIX}dataset")
+            if value:
+                return value
+    return ""
+
+
+def _parent(client: Any, run: Any) -> Any:
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    return client.get_run(parent_id) if parent_id else None
+
+
+def _alias_version(client: Any, model_name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as err:
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+def _version_of_run(client: Any, model_name: str, run_id: str) -> Any:
+    query = f"name = '{_quote(model_name)}' and run_id = '{run_id}'"
+    versions = client.search_model_versions(query)
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _gate(
+    current: Any,
+    model_name: str,
+    alias: str,
+    metric: str,
+    mode: str,
+    value: float,
+    dataset: str,
+    trial: str,
+    search_name: str,
+) -> None:
+    """Refuse to move the alias to a model that scored worse on the same dataset and metric."""
+    tags = current.tags
+    if tags.get(f"{TAG_PREFIX}metric") != metric or tags.get(f"{TAG_PREFIX}dataset") != dataset:
+        return
+    try:
+        held = float(tags[f"{TAG_PREFIX}metric_value"])
+    except (KeyError, ValueError):
+        return
+    better = held > value if mode == "max" else held < value
+    if better:
+        raise UserError(
+            f"{model_name}@{alias} is version {current.version} with {metric}={held:.4f} on "
+            f"{dataset or 'the same dataset'}, better than trial {trial} of {search_name} "
+            f"({metric}={value:.4f}); pass --force to move the alias anyway"
+        )
+
+
+def _ensure_registered_model(client: Any, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
+@contextmanager
+def _mlflow_errors(uri: str) -> Iterator[None]:
+    """MLflow failures become one-line UserErrors naming the tracking URI."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        text = (err.message or str(err)).strip()
+        line = text.splitlines()[0] if text else type(err).__name__
+        raise UserError(f"MLflow at {uri}: {line}") from None
