@@ -1,0 +1,391 @@
+"""A search in MLflow: one experiment per search name, a parent run, a nested child run per trial.
+
+Everything is logged from the Tune driver (a Tune callback), so a store has one writer. Runs are
+found again by tags (`segsearch.search` on the parent, `segsearch.trial_id` on each child), so a
+resumed search continues its runs instead of making new ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from ray.tune import Callback
+
+from segsearch.errors import UserError
+from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
+from segsearch.tracking import _files, _pictures, _runs
+from segsearch.tracking._callback import TrackingCallback, register, unregister
+from segsearch.tracking._clean import clean, mask, plain_data, safe_key
+from segsearch.tracking._outcome import (
+    ERROR,
+    TrialOutcome,
+    best_of,
+    end_status,
+    epoch_of,
+    error_text,
+    outcome_of,
+)
+from segsearch.tracking._runs import ERROR_TAG, STATUS
+from segsearch.tracking._writer import Writer, first_line
+
+#: Metrics logged per epoch (CONTRACTS.md, plus lr and startup_s, which train.py also reports).
+EPOCH_METRICS = (
+    "epoch",
+    "train_loss",
+    "val_miou",
+    "val_dice",
+    "val_pixel_acc",
+    "epoch_time_s",
+    "images_per_s",
+    "num_params",
+    "lr",
+    "startup_s",
+)
+CLASS_IOU_PREFIX = "val_iou_"
+#: Unlogged items named in the closing warning line (all of them are in the returned summary).
+SHOWN_UNLOGGED = 8
+
+
+@dataclass(frozen=True)
+class TrackingSummary:
+    """Where the search went in MLflow, and what could not be logged (empty when all was)."""
+
+    experiment_id: str
+    parent_run_id: str
+    best_trial_id: str | None
+    best_run_id: str | None
+    model_uri: str | None
+    unlogged: tuple[str, ...]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class SearchTracker:
+    """Logs one search to MLflow. Build it with `SearchTracker.start` before the first trial."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        *,
+        search_name: str,
+        experiment_id: str,
+        parent_run_id: str,
+        children: dict[str, str],
+        epochs: int,
+        staging: Path,
+    ) -> None:
+        self.writer = writer
+        self.search_name = search_name
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.epochs = epochs
+        self.key = (writer.tracking_uri, search_name)
+        self._children = children
+        self._staging = staging
+        self._steps: dict[str, int] = {}
+        self._ended: set[str] = set()
+        self._model_uri: str | None = None
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        tracking_uri: str | None,
+        search_name: str,
+        space_path: str | Path | None,
+        dataset_uri: str,
+        dataset_info: Any,
+        settings: Mapping[str, Any],
+        epochs: int,
+        echo: Callable[[str], None] = _stderr,
+        retry_every_s: float = 15.0,
+    ) -> SearchTracker:
+        """Open (or reopen, on resume) the search's parent run; UserError if MLflow is unusable."""
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_server(uri)
+        staging = Path(tempfile.mkdtemp(prefix="segsearch-tracking-"))
+        params = {"dataset": dataset_uri, **plain_data(settings)}
+        params.setdefault("epochs", epochs)
+        try:
+            writer = Writer(uri, echo=echo, retry_every_s=retry_every_s)
+            experiment_id = writer.now(lambda c: _runs.experiment_for(c, search_name))
+            parent_id, reused = writer.now(
+                lambda c: _runs.open_parent(c, experiment_id, search_name)
+            )
+            writer.now(lambda c: _runs.log_params(c, parent_id, params, echo=echo))
+            for path in _files.parent_files(staging, space_path, dataset_info):
+                writer.now(lambda c, path=path: c.log_artifact(parent_id, str(path)))
+            children = writer.now(lambda c: _runs.children_of(c, experiment_id, parent_id))
+        except Exception as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, UserError):
+                raise
+            raise UserError(
+                f"MLflow tracking at {mask(uri)} is unusable ({first_line(err)}); check "
+                "--tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+        if reused:
+            echo(
+                f"tracking: continuing MLflow run {parent_id} of search {search_name!r} "
+                f"({len(children)} trial runs so far)"
+            )
+        tracker = cls(
+            writer,
+            search_name=search_name,
+            experiment_id=experiment_id,
+            parent_run_id=parent_id,
+            children=children,
+            epochs=epochs,
+            staging=staging,
+        )
+        register(tracker)
+        return tracker
+
+    def tune_callback(self) -> Callback:
+        """The Tune callback that logs every trial event of this search."""
+        return TrackingCallback(self)
+
+    def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
+        """Open the trial's child run (or reopen it) and log its params."""
+        params = {**config}
+        params.setdefault("epochs", self.epochs)
+
+        def open_run(client: MlflowClient) -> None:
+            self._children[trial_id] = _runs.open_child(
+                client,
+                experiment_id=self.experiment_id,
+                parent_id=self.parent_run_id,
+                search_name=self.search_name,
+                trial_id=trial_id,
+                known=self._children.get(trial_id),
+            )
+            _runs.log_params(client, self._children[trial_id], params, echo=self.writer.echo)
+
+        self.writer.submit(f"trial {trial_id}: run and params", open_run)
+
+    def trial_result(self, trial_id: str, result: Mapping[str, Any], filesystem: Any) -> None:
+        """Log an epoch's metrics (step = epoch) and its checkpoint's pictures."""
+        step = epoch_of(dict(result))
+        if self._steps.get(trial_id) == step:
+            return
+        self._steps[trial_id] = step
+        timestamp = int(time.time() * 1000)
+        metrics = [Metric(k, v, timestamp, step) for k, v in epoch_metrics(result).items()]
+        self.writer.submit(
+            f"trial {trial_id}: metrics of epoch {step}",
+            lambda c: _runs.log_batch(c, self._run(trial_id), metrics=metrics),
+        )
+        checkpoint = result.get("checkpoint_path")
+        if not checkpoint:
+            return
+        folder = self._staging / trial_id / f"epoch_{step:03d}"
+        for local, artifact_dir in _files.stage_pictures(checkpoint, filesystem, folder, step=step):
+            name = f"{artifact_dir}/{local.name}" if artifact_dir else local.name
+            self.writer.submit(
+                f"trial {trial_id}: artifact {name} of epoch {step}",
+                lambda c, local=local, artifact_dir=artifact_dir: c.log_artifact(
+                    self._run(trial_id), str(local), artifact_dir
+                ),
+            )
+
+    def trial_ended(self, trial_id: str, last: Mapping[str, Any], error: str | None) -> None:
+        """Tag how the trial ended (completed, stopped_early, error) and end its run.
+
+        `error` is the failure's text (a traceback): its last line becomes a tag, the whole of
+        it (secrets masked) the run's error.txt.
+        """
+        status = end_status(dict(last), epochs=self.epochs, failed=error is not None)
+        tags = {STATUS: status, "segsearch.epochs_run": epoch_of(dict(last))}
+        if error is not None:
+            tags[ERROR_TAG] = error_text(error)
+            path = self._staging / trial_id / "error.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(mask(error))
+            self.writer.submit(
+                f"trial {trial_id}: artifact error.txt",
+                lambda c: c.log_artifact(self._run(trial_id), str(path)),
+            )
+        self._ended.add(trial_id)
+        self.writer.submit(
+            f"trial {trial_id}: end ({status})",
+            lambda c: _runs.end_run(c, self._run(trial_id), tags, failed=error is not None),
+        )
+
+    def finish(
+        self, results: Any, *, metric: str, mode: str = "max", study: Any = None
+    ) -> TrackingSummary:
+        """Log the best trial and its model, the search pictures and table; end the parent run.
+
+        Never raises for MLflow failures: the search itself is done. What could not be logged is
+        in the summary's `unlogged` and in one warning line.
+        """
+        self.writer.flush(force=True)
+        outcomes = sorted(
+            (outcome_of(result, epochs=self.epochs) for result in results),
+            key=lambda o: o.trial_id,
+        )
+        for outcome in outcomes:
+            self._catch_up(outcome)
+        best = best_of(outcomes, metric=metric, mode=mode)
+        with self._reported("search run: best trial"):
+            if best is not None:
+                self._record_best(best, metric)
+        with self._reported("search run: pictures and trials table"):
+            self._log_search_files(results, outcomes, metric=metric, mode=mode, study=study)
+        failed = bool(outcomes) and all(o.status == ERROR for o in outcomes)
+        self.writer.submit(
+            "search run: end",
+            lambda c: _runs.end_run(
+                c, self.parent_run_id, {STATUS: "failed" if failed else "finished"}, failed=failed
+            ),
+        )
+        self.writer.flush(force=True)
+        unlogged = tuple(self.writer.unlogged)
+        if unlogged:
+            shown = "; ".join(unlogged[:SHOWN_UNLOGGED])
+            if len(unlogged) > SHOWN_UNLOGGED:
+                shown += f"; and {len(unlogged) - SHOWN_UNLOGGED} more"
+            self.writer.echo(
+                f"warning: {len(unlogged)} item(s) not logged to MLflow at "
+                f"{mask(self.writer.tracking_uri)}: {shown} (files kept in {self._staging})"
+            )
+        else:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        unregister(self)
+        best_id = best.trial_id if best else None
+        return TrackingSummary(
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id,
+            best_trial_id=best_id,
+            best_run_id=self._children.get(best_id) if best_id else None,
+            model_uri=self._model_uri,
+            unlogged=unlogged,
+        )
+
+    @contextlib.contextmanager
+    def _reported(self, what: str) -> Iterator[None]:
+        """Preparing something to log failed: list it as not logged and carry on."""
+        try:
+            yield
+        except Exception as err:
+            self.writer.dropped.append(f"{what} ({first_line(err)})")
+            self.writer.echo(f"warning: tracking could not prepare {what}: {first_line(err)}")
+
+    def _run(self, trial_id: str) -> str:
+        if trial_id not in self._children:
+            raise KeyError(f"no MLflow run for trial {trial_id} yet")
+        return self._children[trial_id]
+
+    def _catch_up(self, outcome: TrialOutcome) -> None:
+        """Log a trial whose end this process did not see (resumed search, missed events)."""
+        trial_id = outcome.trial_id
+        if not trial_id or trial_id in self._ended:  # no id: it never reported anything
+            return
+        run_id = self._children.get(trial_id)
+        if run_id is None:
+            self.trial_started(trial_id, outcome.config)
+            self.trial_result(trial_id, outcome.metrics, outcome.filesystem)
+        else:
+            with contextlib.suppress(Exception):
+                if self.writer.now(lambda c: c.get_run(run_id).info.status) != "RUNNING":
+                    return
+        self.trial_ended(trial_id, outcome.metrics, outcome.error)
+
+    def _record_best(self, best: TrialOutcome, metric: str) -> None:
+        """Tag the best trial on the parent run and its own run; log its model to its run."""
+        trial_id, value = best.trial_id, best.value(metric)
+        config_file = self._staging / "best_config.json"
+        _files.write_json(config_file, clean(best.config))
+
+        def on_parent(client: MlflowClient) -> None:
+            run_id = self._run(trial_id)
+            tags = {
+                "segsearch.best_trial_id": trial_id,
+                "segsearch.best_run_id": run_id,
+                "segsearch.metric": metric,
+            }
+            _runs.log_tags(client, self.parent_run_id, tags)
+            stamp = int(time.time() * 1000)
+            best_metric = Metric(safe_key(f"best_{metric}"), value, stamp, 0)
+            _runs.log_batch(client, self.parent_run_id, metrics=[best_metric])
+            client.log_artifact(self.parent_run_id, str(config_file))
+            _runs.mark_best(client, self.experiment_id, self.parent_run_id, run_id)
+
+        self.writer.submit(f"search run: best trial {trial_id}", on_parent)
+        if best.checkpoint:
+            self._log_best_model(best)
+
+    def _log_best_model(self, best: TrialOutcome) -> None:
+        trial_id, checkpoint = best.trial_id, str(best.checkpoint)
+        model_dir = self._staging / "best_model"
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+        def log_model(client: MlflowClient) -> None:
+            from segsearch.mlflow_model import log_model
+
+            run_id = self._run(trial_id)
+            tags = client.get_run(run_id).data.tags
+            if tags.get("segsearch.model_checkpoint") == mask(checkpoint):
+                self._model_uri = tags.get("segsearch.model_uri")
+                return
+            with _runs.global_tracking_uri(self.writer.tracking_uri):
+                uri = log_model(str(model_dir), run_id=run_id)
+            model_tags = {"segsearch.model_uri": uri, "segsearch.model_checkpoint": checkpoint}
+            _runs.log_tags(client, run_id, model_tags)
+            _runs.log_tags(client, self.parent_run_id, {"segsearch.best_model_uri": uri})
+            self._model_uri = uri
+
+        with self._reported(f"trial {trial_id}: best model from {mask(checkpoint)}"):
+            _files.copy_checkpoint(checkpoint, best.filesystem, model_dir)
+            if not (model_dir / "model.pt").is_file():
+                raise FileNotFoundError("the checkpoint has no model.pt")
+            self.writer.submit(f"trial {trial_id}: best model", log_model)
+
+    def _log_search_files(
+        self, results: Any, outcomes: list[TrialOutcome], *, metric: str, mode: str, study: Any
+    ) -> None:
+        """trials.csv, parameter importances, history and parallel coordinates on the parent."""
+        folder = self._staging / "search"
+        folder.mkdir(exist_ok=True)
+        files = [folder / "trials.csv"]
+        _files.trials_table(results, self._children, files[0])
+        try:
+            importances = _pictures.param_importances(study, outcomes, metric=metric, mode=mode)
+        except ValueError as err:
+            self.writer.echo(f"tracking: no parameter importances ({err})")
+        else:
+            files.append(folder / "param_importances.png")
+            _pictures.importance_chart(importances, files[-1], metric=metric)
+        if outcomes:
+            files.append(folder / "optimization_history.png")
+            _pictures.history_chart(outcomes, files[-1], metric=metric, mode=mode)
+            files.append(folder / "parallel_coordinates.png")
+            _pictures.parallel_chart(outcomes, files[-1], metric=metric)
+        for path in files:
+            self.writer.submit(
+                f"search run: artifact {path.name}",
+                lambda c, path=path: c.log_artifact(self.parent_run_id, str(path)),
+            )
+
+
+def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric per-epoch metrics of a result that go to MLflow (see EPOCH_METRICS)."""
+    return {
+        safe_key(key): float(value)
+        for key, value in result.items()
+        if (key in EPOCH_METRICS or key.startswith(CLASS_IOU_PREFIX))
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    }

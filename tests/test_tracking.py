@@ -1,0 +1,677 @@
+"""MLflow tracking of real Tune searches, on the embedded SQLite store and on a real mlflow server.
+
+The trainable is a small function that reports the CONTRACTS.md metrics every epoch and writes a
+real checkpoint (model.pt + trial.json of a tiny U-Net, overlays.png, confusion.png, class_iou.csv)
+where Ray Train would, and names it in `checkpoint_path` as TuneReportCallback does.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from segsearch.errors import UserError
+from segsearch.tracking import SearchTracker
+from segsearch.tracking._clean import MASK, clean, mask
+
+CLASSES = ("background", "disc")
+SIZE = 16
+EPOCHS = 3
+GOOD_LR, BAD_LR, FAILING_LR = 0.01, 1e-12, 0.005
+PLANTED_SECRET = "planted-password-value"
+METRICS_PER_EPOCH = {
+    "epoch",
+    "train_loss",
+    "val_miou",
+    "val_dice",
+    "val_pixel_acc",
+    "val_iou_background",
+    "val_iou_disc",
+    "epoch_time_s",
+    "images_per_s",
+    "num_params",
+}
+
+
+def tiny_trial(
+    config: dict[str, Any],
+    *,
+    root: str,
+    filesystem: Any = None,
+    fail_flag: str | None = None,
+    signals: str | None = None,
+) -> None:
+    """Report EPOCHS epochs; resume after the last checkpoint it finds.
+
+    With FAILING_LR it raises at epoch 2 while the file `fail_flag` exists. With `signals`, it
+    announces each epoch there and waits until the test has acted on it.
+    """
+    import ray.tune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    done = _checkpoints(root, filesystem, trial_id)
+    for epoch in range(len(done) + 1, EPOCHS + 1):
+        if signals:
+            _signal(signals, trial_id, epoch)
+        failing = config["optim.lr"] == FAILING_LR and fail_flag and Path(fail_flag).exists()
+        if failing and epoch == 2:
+            raise RuntimeError(f"loss diverged at epoch {epoch}")
+        started = time.perf_counter()
+        miou = (0.5 if config["optim.lr"] >= 1e-3 else 0.05) + 0.1 * epoch
+        path = _write_checkpoint(root, filesystem, trial_id, epoch, config, miou)
+        ray.tune.report(
+            {
+                "epoch": epoch,
+                "train_loss": 1.0 / epoch,
+                "val_miou": miou,
+                "val_dice": miou + 0.05,
+                "val_pixel_acc": 0.9,
+                "val_iou_background": 0.9,
+                "val_iou_disc": miou,
+                "epoch_time_s": time.perf_counter() - started,
+                "images_per_s": 123.0,
+                "num_params": 4321,
+                "checkpoint_path": path,
+            }
+        )
+
+
+def _checkpoints(root: str, filesystem: Any, trial_id: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    selector = pafs.FileSelector(f"{root}/{trial_id}", allow_not_found=True)
+    return sorted(info.path for info in fs.get_file_info(selector))
+
+
+def _write_checkpoint(
+    root: str, filesystem: Any, trial_id: str, epoch: int, config: dict, miou: float
+) -> str:
+    """A checkpoint dir as train.py writes it; copied to `filesystem` when one is given."""
+    import pyarrow.fs as pafs
+    from PIL import Image
+
+    from segsearch.checkpoint import save_model
+    from segsearch.models import build_model
+    from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
+
+    path = f"{root}/{trial_id}/epoch_{epoch:03d}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) if filesystem else Path(path)
+        model_cfg = {"arch": "unet", "depth": 2, "width": 4}
+        meta = {
+            "model": model_cfg,
+            "in_channels": 3,
+            "num_classes": len(CLASSES),
+            "classes": list(CLASSES),
+            "ignore_index": 255,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.25, 0.25, 0.25],
+            "image_size": [SIZE, SIZE],
+            "dataset": "memory://tiny",
+            "config": {k: v for k, v in config.items() if isinstance(v, int | float | str)},
+            "epoch": epoch,
+        }
+        save_model(local, build_model(model_cfg, in_channels=3, num_classes=2), meta)
+        rng = np.random.default_rng(epoch)
+        images = rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+        masks = (images[..., 0] > 127).astype(np.uint8)
+        picture = render_overlays(images, masks, 1 - masks, classes=CLASSES)
+        Image.fromarray(picture).save(local / "overlays.png")
+        plot_confusion(np.array([[10, 2], [3, 9]]), CLASSES, local / "confusion.png")
+        write_class_iou_csv([0.9, miou], CLASSES, local / "class_iou.csv")
+        (local / "train_state.pt").write_bytes(b"optimizer state")
+        if filesystem:
+            pafs.copy_files(str(local), path, destination_filesystem=filesystem)
+    return path
+
+
+def _signal(folder: str, trial_id: str, epoch: int) -> None:
+    """Tell the test which epoch starts (it stops/starts the proxy on these), then wait for it."""
+    Path(folder, f"{trial_id}-epoch{epoch}").touch()
+    deadline = time.monotonic() + 60
+    while not Path(folder, f"{trial_id}-epoch{epoch}.ack").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test did not acknowledge the epoch")
+        time.sleep(0.05)
+
+
+def run_search(
+    name: str,
+    *,
+    storage: str,
+    callbacks: list,
+    root: str,
+    lrs: list[float],
+    notes: str = "",
+    filesystem: Any = None,
+    fail_flag: str | None = None,
+    signals: str | None = None,
+    asha: bool = True,
+) -> Any:
+    """A real Tune run: one trial per learning rate, in order, ASHA stopping the weak ones."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    trainable = ray.tune.with_parameters(
+        tiny_trial, root=root, filesystem=filesystem, fail_flag=fail_flag, signals=signals
+    )
+    scheduler = (
+        ASHAScheduler(max_t=EPOCHS, grace_period=1, reduction_factor=2) if asha else FIFOScheduler()
+    )
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=_space(lrs, notes),
+        tune_config=ray.tune.TuneConfig(
+            metric="val_miou",
+            mode="max",
+            scheduler=scheduler,
+            max_concurrent_trials=1,
+            reuse_actors=True,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            storage_filesystem=filesystem,
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+    return tuner.fit()
+
+
+def _space(lrs: list[float], notes: str) -> dict[str, Any]:
+    import ray.tune
+
+    return {
+        "optim.lr": ray.tune.grid_search(lrs),
+        "model.arch": "unet",
+        "model.width": 4,
+        "batch_size": 8,
+        "image_size": [SIZE, SIZE],
+        "db.password": PLANTED_SECRET,
+        "data.mirror": f"https://reader:{PLANTED_SECRET}@mirror.example/tiny",
+        "notes": notes,
+    }
+
+
+def start_tracker(uri: str, name: str, tmp_path: Path, lines: list[str], **options) -> Any:
+    space = tmp_path / "space.yaml"
+    space.write_text("name: tiny\nspace:\n  optim.lr: {float: [1.0e-12, 1.0e-2], log: true}\n")
+    return SearchTracker.start(
+        tracking_uri=uri,
+        search_name=name,
+        space_path=space,
+        dataset_uri="s3://data-bucket/tiny",
+        dataset_info={"classes": list(CLASSES), "splits": {"train": 8, "val": 4}},
+        settings={
+            "sampler": {"kind": "grid"},
+            "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+            "trials": 3,
+            "credentials": {"api_key": PLANTED_SECRET},
+        },
+        epochs=EPOCHS,
+        echo=lines.append,
+        **options,
+    )
+
+
+def runs_of(client: MlflowClient, name: str) -> tuple[Any, list[Any]]:
+    """The search's parent run and its child runs."""
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("segsearch.role") == "search"]
+    assert len(parents) == 1, "one parent run per search"
+    children = [r for r in runs if r.data.tags.get("segsearch.role") == "trial"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    trial_ids = [r.data.tags["segsearch.trial_id"] for r in children]
+    assert len(trial_ids) == len(set(trial_ids)), "one run per trial"
+    return parents[0], children
+
+
+def by_lr(children: list[Any]) -> dict[float, Any]:
+    return {float(r.data.params["optim.lr"]): r for r in children}
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "val_miou") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id, path)}
+
+
+def assert_no_secrets(client: MlflowClient, runs: list[Any], secrets: list[str]) -> None:
+    for run in runs:
+        fresh = client.get_run(run.info.run_id)
+        logged = {**fresh.data.params, **fresh.data.tags}
+        for key, value in logged.items():
+            for secret in secrets:
+                assert secret not in key and secret not in value, (key, value)
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(ray_cluster, tmp_path_factory) -> Iterator[str]:
+    """One embedded store for the module (creating one takes seconds); artifacts in ./mlruns.
+
+    Ray starts first: its workers import this module relative to the directory Ray started in.
+    """
+    folder = tmp_path_factory.mktemp("mlflow-sqlite")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        yield f"sqlite:///{folder}/mlflow.db"
+
+
+def test_clean_masks_credentials_in_keys_and_values(monkeypatch):
+    monkeypatch.setenv("SOME_SERVICE_TOKEN", "env-token-123456")
+    cleaned = clean(
+        {
+            "aws": {"secret_access_key": "abc"},
+            "db.password": "hunter2",
+            "auth_token": "t",
+            "note": "key env-token-123456 in text",
+            "uri": "https://user:pw123@host/x?X-Amz-Signature=abcdef&y=1",
+            "id": "AKIAABCDEFGHIJKLMNOP",
+            "model.arch": "unet",
+            "tokenizer": "bpe",
+        }
+    )
+    assert cleaned["aws.secret_access_key"] == MASK
+    assert cleaned["db.password"] == MASK
+    assert cleaned["auth_token"] == MASK
+    assert cleaned["note"] == f"key {MASK} in text"
+    assert cleaned["uri"] == f"https://{MASK}@host/x?X-Amz-Signature={MASK}&y=1"
+    assert cleaned["id"] == MASK
+    assert cleaned["model.arch"] == "unet"
+    assert cleaned["tokenizer"] == "bpe"
+    assert mask("Bearer abc.def") == f"Bearer {MASK}"
+
+
+def test_search_pictures_draw_with_few_or_unscored_trials(tmp_path):
+    from segsearch.tracking import _pictures
+    from segsearch.tracking._outcome import TrialOutcome
+
+    trials = [
+        TrialOutcome(
+            "t_00000", {"optim.lr": 0.1, "model.arch": "fcn"}, {"val_miou": 0.5}, "completed"
+        ),
+        TrialOutcome("t_00001", {"optim.lr": 0.2, "model.arch": "unet"}, {}, "error"),
+    ]
+    with pytest.raises(ValueError, match="fewer than 2"):
+        _pictures.param_importances(None, trials, metric="val_miou", mode="max")
+    for subset in (trials, trials[1:], []):
+        history = tmp_path / f"history-{len(subset)}.png"
+        _pictures.history_chart(subset, history, metric="val_miou", mode="max")
+        parallel = tmp_path / f"parallel-{len(subset)}.png"
+        _pictures.parallel_chart(subset, parallel, metric="val_miou")
+        assert history.read_bytes()[:4] == parallel.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unreachable_server_fails_before_any_trial(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with pytest.raises(UserError, match=uri):
+        start_tracker(uri, "nowhere", tmp_path, [])
+    assert time.monotonic() - started < 15
+    not_a_folder = Path(_touch(tmp_path / "a-file"))
+    with pytest.raises(UserError, match="sqlite:///"):
+        start_tracker(f"sqlite:///{not_a_folder}/mlflow.db", "nowhere", tmp_path, [])
+
+
+def test_dataset_json_is_logged_as_given(sqlite_uri, tmp_path):
+    tracker = start_tracker(sqlite_uri, "no-trials", tmp_path, [])
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    local = client.download_artifacts(tracker.parent_run_id, "dataset.json", str(tmp_path))
+    assert json.loads(Path(local).read_text())["classes"] == list(CLASSES)
+
+
+def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
+    ray_cluster, sqlite_uri, s3_endpoint, tmp_path, monkeypatch
+):
+    import os
+
+    monkeypatch.setenv("SOME_SERVICE_TOKEN", "env-token-that-must-not-leak")
+    s3_secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    uri = sqlite_uri
+    lines: list[str] = []
+    tracker = start_tracker(uri, "tiny-sqlite", tmp_path, lines)
+    results = run_search(
+        "tiny-sqlite",
+        storage=str(tmp_path / "runs"),
+        callbacks=[tracker.tune_callback()],
+        root=str(tmp_path / "checkpoints"),
+        lrs=[GOOD_LR, BAD_LR, FAILING_LR],
+        notes=f"synced with secret {s3_secret} and env-token-that-must-not-leak",
+        fail_flag=_touch(tmp_path / "fail"),
+    )
+    summary = tracker.finish(results, metric="val_miou", mode="max")
+
+    assert summary.unlogged == ()
+    client = MlflowClient(tracking_uri=uri)
+    parent, children = runs_of(client, "tiny-sqlite")
+    assert parent.info.run_id == summary.parent_run_id
+    assert len(children) == 3
+    runs = by_lr(children)
+    good, bad, failing = runs[GOOD_LR], runs[BAD_LR], runs[FAILING_LR]
+
+    assert good.info.status == "FINISHED" and good.data.tags["segsearch.status"] == "completed"
+    assert bad.info.status == "FINISHED" and bad.data.tags["segsearch.status"] == "stopped_early"
+    assert failing.info.status == "FAILED" and failing.data.tags["segsearch.status"] == "error"
+    assert failing.data.tags["segsearch.error"] == "RuntimeError: loss diverged at epoch 2"
+    assert "error.txt" in artifacts(client, failing.info.run_id)
+    assert steps(client, good.info.run_id) == [1, 2, 3]
+    assert steps(client, bad.info.run_id) == [1]
+    assert steps(client, failing.info.run_id) == [1]
+    assert set(good.data.metrics) >= METRICS_PER_EPOCH
+    assert good.data.metrics["val_miou"] == pytest.approx(0.8)
+    assert good.data.params["model.arch"] == "unet"
+    assert good.data.params["image_size"] == f"[{SIZE}, {SIZE}]"
+    assert good.data.params["epochs"] == str(EPOCHS)
+    assert {"overlays.png", "confusion.png", "class_iou.csv", "overlays"} <= artifacts(
+        client, good.info.run_id
+    )
+    assert artifacts(client, good.info.run_id, "overlays") == {
+        f"overlays/epoch_{e:03d}.png" for e in (1, 2, 3)
+    }
+
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["dataset"] == "s3://data-bucket/tiny"
+    assert parent.data.params["scheduler.kind"] == "asha"
+    assert parent.data.tags["segsearch.best_trial_id"] == good.data.tags["segsearch.trial_id"]
+    assert parent.data.metrics["best_val_miou"] == pytest.approx(0.8)
+    assert {
+        "space.yaml",
+        "dataset.json",
+        "best_config.json",
+        "trials.csv",
+        "param_importances.png",
+        "optimization_history.png",
+        "parallel_coordinates.png",
+    } <= artifacts(client, parent.info.run_id)
+    assert summary.best_run_id == good.info.run_id
+    assert good.data.tags["segsearch.best"] == "true"
+    assert summary.model_uri and good.data.tags["segsearch.model_uri"] == summary.model_uri
+    table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path)))
+    assert good.info.run_id in table.read_text()
+
+    assert_no_secrets(
+        client,
+        [parent, *children],
+        [PLANTED_SECRET, "env-token-that-must-not-leak", s3_secret],
+    )
+    assert good.data.params["db.password"] == MASK
+    assert good.data.params["notes"] == f"synced with secret {MASK} and {MASK}"
+
+
+def test_resumed_search_reuses_its_parent_and_trial_runs(ray_cluster, sqlite_uri, tmp_path):
+    import ray.tune
+
+    uri = sqlite_uri
+    root, storage = str(tmp_path / "checkpoints"), str(tmp_path / "runs")
+    fail_flag = _touch(tmp_path / "fail")
+    lines: list[str] = []
+    first = start_tracker(uri, "tiny-resume", tmp_path, lines)
+    results = run_search(
+        "tiny-resume",
+        storage=storage,
+        callbacks=[first.tune_callback()],
+        root=root,
+        lrs=[GOOD_LR, FAILING_LR],
+        fail_flag=fail_flag,
+        asha=False,
+    )
+    first.finish(results, metric="val_miou", mode="max")
+    client = MlflowClient(tracking_uri=uri)
+    parent, children = runs_of(client, "tiny-resume")
+    failing = by_lr(children)[FAILING_LR]
+    assert failing.info.status == "FAILED"
+
+    Path(fail_flag).unlink()
+    second = start_tracker(uri, "tiny-resume", tmp_path, lines)
+    assert second.parent_run_id == parent.info.run_id
+    assert any("continuing MLflow run" in line for line in lines)
+    trainable = ray.tune.with_parameters(tiny_trial, root=root, fail_flag=fail_flag)
+    tuner = ray.tune.Tuner.restore(f"{storage}/tiny-resume", trainable, resume_errored=True)
+    summary = second.finish(tuner.fit(), metric="val_miou", mode="max")
+
+    assert summary.unlogged == ()
+    parent, children = runs_of(client, "tiny-resume")
+    assert len(children) == 2
+    resumed = client.get_run(failing.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["segsearch.status"] == "completed"
+    assert "segsearch.error" not in resumed.data.tags
+    assert steps(client, failing.info.run_id) == [1, 2, 3]
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_search_on_mlflow_server_puts_overlays_in_s3_and_no_secret_in_params(
+    mlflow_server, s3_bucket, ray_cluster, tmp_path
+):
+    import os
+
+    import boto3
+
+    from segsearch.data.storage import filesystem_for
+
+    filesystem, prefix = filesystem_for(f"s3://{s3_bucket}/search")
+    lines: list[str] = []
+    tracker = start_tracker(mlflow_server, "tiny-server", tmp_path, lines)
+    results = run_search(
+        "tiny-server",
+        storage=f"{prefix}/tune",
+        filesystem=filesystem,
+        callbacks=[tracker.tune_callback()],
+        root=f"{prefix}/checkpoints",
+        lrs=[GOOD_LR, BAD_LR],
+    )
+    summary = tracker.finish(results, metric="val_miou", mode="max")
+
+    assert summary.unlogged == ()
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent, children = runs_of(client, "tiny-server")
+    assert len(children) == 2
+    s3 = boto3.client("s3")
+    keys = [
+        obj["Key"]
+        for bucket in s3.list_buckets()["Buckets"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"])
+        for obj in page.get("Contents", [])
+    ]
+    for child in children:
+        run_id = child.info.run_id
+        assert any(run_id in k and k.endswith("/overlays.png") for k in keys), run_id
+        assert any(run_id in k and k.endswith("/overlays/epoch_001.png") for k in keys), run_id
+    assert any(parent.info.run_id in k and k.endswith("/param_importances.png") for k in keys)
+    assert summary.model_uri
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    assert_no_secrets(client, [parent, *children], [PLANTED_SECRET, *secrets])
+
+
+@pytest.mark.slow
+def test_server_going_away_mid_search_does_not_stop_training(mlflow_server, ray_cluster, tmp_path):
+    proxy = FlakyProxy(mlflow_server)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    lines: list[str] = []
+    try:
+        tracker = start_tracker(proxy.uri, "tiny-outage", tmp_path, lines, retry_every_s=0.2)
+        with _Conductor(flags, {("first", "epoch2"): proxy.stop}):
+            results = run_search(
+                "tiny-outage",
+                storage=str(tmp_path / "runs"),
+                callbacks=[tracker.tune_callback()],
+                root=str(tmp_path / "checkpoints"),
+                lrs=[GOOD_LR, GOOD_LR * 2],
+                signals=str(flags),
+                asha=False,
+            )
+        summary = tracker.finish(results, metric="val_miou", mode="max")
+    finally:
+        proxy.stop()
+
+    assert all(r.error is None and r.metrics["epoch"] == EPOCHS for r in results)
+    assert any("training goes on" in line for line in lines)
+    assert any(line.startswith("warning: ") and "not logged" in line for line in lines)
+    unlogged = "\n".join(summary.unlogged)
+    first_trial = sorted(r.metrics["trial_id"] for r in results)[0]
+    assert f"trial {first_trial}: metrics of epoch 2" in unlogged
+    assert "best model" in unlogged
+    assert "search run: end" in unlogged
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent, children = runs_of(client, "tiny-outage")
+    assert [steps(client, c.info.run_id) for c in children] == [[1]]
+    assert parent.info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_server_coming_back_gets_everything_that_waited(mlflow_server, ray_cluster, tmp_path):
+    proxy = FlakyProxy(mlflow_server)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    lines: list[str] = []
+    try:
+        tracker = start_tracker(proxy.uri, "tiny-comeback", tmp_path, lines, retry_every_s=0.2)
+        actions = {("first", "epoch2"): proxy.stop, ("second", "epoch1"): proxy.start}
+        with _Conductor(flags, actions):
+            results = run_search(
+                "tiny-comeback",
+                storage=str(tmp_path / "runs"),
+                callbacks=[tracker.tune_callback()],
+                root=str(tmp_path / "checkpoints"),
+                lrs=[GOOD_LR, GOOD_LR * 2],
+                signals=str(flags),
+                asha=False,
+            )
+        summary = tracker.finish(results, metric="val_miou", mode="max")
+    finally:
+        proxy.stop()
+
+    assert summary.unlogged == ()
+    assert any("answers again" in line for line in lines)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent, children = runs_of(client, "tiny-comeback")
+    assert len(children) == 2
+    for child in children:
+        assert steps(client, child.info.run_id) == [1, 2, 3]
+        assert child.info.status == "FINISHED"
+        assert "overlays.png" in artifacts(client, child.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert summary.model_uri
+
+
+def _touch(path: Path) -> str:
+    path.touch()
+    return str(path)
+
+
+class _Conductor(threading.Thread):
+    """Runs an action when a trial reaches an epoch, then lets the trial go on.
+
+    Keys are ("first" | "second", "epochN"): trials by the order they announce themselves.
+    """
+
+    def __init__(self, folder: Path, actions: dict[tuple[str, str], Any]) -> None:
+        super().__init__(daemon=True)
+        self.folder = folder
+        self.actions = actions
+        self.trials: list[str] = []
+        self.stopping = threading.Event()
+
+    def __enter__(self) -> _Conductor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopping.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for signal in sorted(self.folder.glob("*-epoch*"), key=lambda p: p.stat().st_mtime):
+                if signal.name.endswith(".ack") or Path(f"{signal}.ack").exists():
+                    continue
+                trial_id, _, epoch = signal.name.rpartition("-")
+                if trial_id not in self.trials:
+                    self.trials.append(trial_id)
+                order = ("first", "second", "later")[min(self.trials.index(trial_id), 2)]
+                action = self.actions.get((order, epoch))
+                if action is not None:
+                    action()
+                Path(f"{signal}.ack").touch()
+            time.sleep(0.05)
+
+
+class FlakyProxy:
+    """A real HTTP reverse proxy to the MLflow server that can go away and come back (same port)."""
+
+    def __init__(self, upstream: str) -> None:
+        parsed = urllib.parse.urlparse(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._server: ThreadingHTTPServer | None = None
+        self.start()
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _forwarder(self.upstream))
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+
+
+def _forwarder(upstream: tuple[str, int]) -> type[BaseHTTPRequestHandler]:
+    class Forward(BaseHTTPRequestHandler):
+        def forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            headers = {
+                k: v
+                for k, v in self.headers.items()
+                if k.lower() not in ("host", "connection", "transfer-encoding", "content-length")
+            }
+            connection = http.client.HTTPConnection(*upstream, timeout=120)
+            connection.request(self.command, self.path, body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+            self.send_response(response.status)
+            for key, value in response.getheaders():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            connection.close()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = forward
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Forward
