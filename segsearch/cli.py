@@ -9,6 +9,8 @@ import click
 
 from segsearch.errors import UserError
 
+TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+
 
 class _Group(click.Group):
     """Turns UserError into a one-line message on stderr and exit code 2, never a traceback."""
@@ -28,6 +30,77 @@ def main() -> None:
 
 
 @main.command()
+@click.argument("images", type=click.Path(file_okay=False))
+@click.argument("masks", type=click.Path(file_okay=False))
+@click.argument("dest")
+@click.option("--classes", required=True, help="Class names in class-id order: a,b,c.")
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Share of pairs held out for val (ignored for a train/ + val/ layout).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the val split.")
+@click.option("--shard-size-mb", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--colors",
+    help='Mask colour per class, in class order: "r,g,b;r,g,b;..." or grey values "0;255".',
+)
+@click.option(
+    "--ignore-index",
+    type=click.IntRange(0, 255),
+    default=255,
+    show_default=True,
+    help="Mask value (or grey colour) that no loss or metric counts.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already at DEST.")
+def ingest(
+    images: str,
+    masks: str,
+    dest: str,
+    classes: str,
+    val_fraction: float,
+    seed: int,
+    shard_size_mb: int,
+    colors: str | None,
+    ignore_index: int,
+    overwrite: bool,
+) -> None:
+    """Pair IMAGES with MASKS by file name and write Parquet shards + dataset.json to DEST.
+
+    DEST is a local folder or s3://bucket/prefix (S3 settings from the AWS_* variables).
+    """
+    from segsearch.data.ingest import ingest as run_ingest
+
+    info = run_ingest(
+        images,
+        masks,
+        dest,
+        classes=classes,
+        val_fraction=val_fraction,
+        seed=seed,
+        shard_size_mb=shard_size_mb,
+        colors=colors,
+        ignore_index=ignore_index,
+        overwrite=overwrite,
+        progress=True,
+    )
+    splits = ", ".join(f"{name} {count}" for name, count in info.splits.items())
+    click.echo(
+        f"ingested {sum(info.splits.values())} images ({splits}) into {dest}: "
+        f"{info.num_classes} classes, {info.channels} channel(s)"
+    )
+    absent = [c for c, n in zip(info.classes, info.class_pixel_counts, strict=True) if not n]
+    if absent:
+        click.echo(
+            f"warning: no train pixels of class {', '.join(absent)}; masks are read as class "
+            "ids unless --colors maps their values",
+            err=True,
+        )
+
+
+@main.command()
 @click.argument("space_file", type=click.Path(dir_okay=False))
 @click.option("--dataset", required=True, help="Dataset URI: a local folder or s3://bucket/prefix.")
 @click.option("--name", help="Search name (default: the space's name); the MLflow experiment too.")
@@ -35,6 +108,7 @@ def main() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the epochs per trial.")
 @click.option("--storage", help="Where Tune state and checkpoints go: a folder or s3:// URI.")
 @click.option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else local Ray).")
+@click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted search of this name.")
 def search(
     space_file: str,
@@ -44,6 +118,7 @@ def search(
     epochs: int | None,
     storage: str | None,
     address: str | None,
+    tracking_uri: str | None,
     resume: bool,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
@@ -51,7 +126,15 @@ def search(
     from segsearch.space import load_space
 
     spec = load_space(space_file).with_overrides(name=name, trials=trials, epochs=epochs)
-    result = run_search(spec, dataset=dataset, storage=storage, resume=resume, address=address)
+    result = run_search(
+        spec,
+        dataset=dataset,
+        storage=storage,
+        resume=resume,
+        address=address,
+        tracking_uri=tracking_uri,
+        space_path=space_file,
+    )
     _print_result(result)
 
 
@@ -60,7 +143,10 @@ def search(
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the epochs per trial.")
 @click.option("--data", default="segsearch-data/demo", show_default=True, help="Demo dataset.")
 @click.option("--storage", help="Where Tune state and checkpoints go (default ./segsearch-runs).")
-def demo(trials: int | None, epochs: int | None, data: str, storage: str | None) -> None:
+@click.option("--tracking-uri", help=TRACKING_HELP)
+def demo(
+    trials: int | None, epochs: int | None, data: str, storage: str | None, tracking_uri: str | None
+) -> None:
     """Run a real search on a built-in dataset with local Ray; print the best and worst trial."""
     from segsearch.data.demo import make_demo_dataset
     from segsearch.data.format import read_dataset_info
@@ -72,10 +158,12 @@ def demo(trials: int | None, epochs: int | None, data: str, storage: str | None)
     except UserError:
         click.echo(f"writing the demo dataset to {data}")
         make_demo_dataset(data, size=(64, 64), overwrite=True)
-    spec = load_space(packaged_space("demo.yaml"))
+    space_path = packaged_space("demo.yaml")
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec = spec.with_overrides(name=name, trials=trials, epochs=epochs)
-    result = run_search(spec, dataset=data, storage=storage)
+    spec = load_space(space_path).with_overrides(name=name, trials=trials, epochs=epochs)
+    result = run_search(
+        spec, dataset=data, storage=storage, tracking_uri=tracking_uri, space_path=space_path
+    )
     _print_result(result)
 
 
@@ -88,3 +176,190 @@ def _print_result(result) -> None:
         f"(worst {result.worst_metric:.4f})"
     )
     click.echo(f"best checkpoint: {result.best_checkpoint}")
+
+
+_address_option = click.option(
+    "--address",
+    required=True,
+    envvar="RAY_API_SERVER_ADDRESS",
+    help="The cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS).",
+)
+
+
+@main.command()
+@click.argument("space_file", type=click.Path(dir_okay=False))
+@click.argument("search_args", nargs=-1, type=click.UNPROCESSED)
+@_address_option
+@click.option("--dataset", required=True, help="Dataset URI the cluster can read (s3://...).")
+@click.option("--name", help="Search name (default: the space's name); the MLflow experiment too.")
+@click.option("--tracking-uri", help="MLflow tracking URI as the cluster sees it.")
+@click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An environment variable for the job (repeatable); its value is never printed.",
+)
+@click.option(
+    "--forward-env/--no-forward-env",
+    default=True,
+    show_default=True,
+    help="Pass local AWS_* credentials and MLFLOW_TRACKING_* settings on to the job.",
+)
+@click.option("--wait", is_flag=True, help="Follow the logs to the end; exit 1 if the job failed.")
+def submit(
+    space_file: str,
+    search_args: tuple[str, ...],
+    address: str,
+    dataset: str,
+    name: str | None,
+    tracking_uri: str | None,
+    env_pairs: tuple[str, ...],
+    forward_env: bool,
+    wait: bool,
+) -> None:
+    """Run `segsearch search SPACE_FILE` on a Ray cluster as a Ray Job.
+
+    Arguments after `--` go to `segsearch search` on the cluster, for example
+    `-- --trials 16 --storage s3://bucket/runs`.
+    """
+    from segsearch import jobs
+
+    try:
+        jobs.submit(
+            space_file,
+            address=address,
+            dataset=dataset,
+            name=name,
+            tracking_uri=tracking_uri,
+            env=jobs.job_env(env_pairs, forward=forward_env),
+            wait=wait,
+            extra_args=search_args,
+            echo=click.echo,
+        )
+    except jobs.JobFailed as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@_address_option
+def status(job_id: str, address: str) -> None:
+    """Show a submitted job's status."""
+    from segsearch import jobs
+
+    info = jobs.status(job_id, address=address)
+    click.echo(f"job {job_id}: {info.status}")
+    search_name = (info.metadata or {}).get("segsearch.search")
+    if search_name:
+        click.echo(f"search: {search_name}")
+    for label, stamp in (("started", info.start_time), ("ended", info.end_time)):
+        if stamp:
+            click.echo(f"{label}: {time.strftime('%F %T', time.localtime(stamp / 1000))}")
+    if info.message:
+        click.echo(f"message: {jobs.headline(info.message)}")
+
+
+@main.command()
+@click.argument("job_id")
+@_address_option
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+def logs(job_id: str, address: str, follow: bool) -> None:
+    """Print a submitted job's logs."""
+    from segsearch import jobs
+
+    jobs.logs(job_id, address=address, follow_logs=follow, echo=click.echo)
+
+
+@main.command()
+@click.argument("job_id")
+@_address_option
+def stop(job_id: str, address: str) -> None:
+    """Stop a submitted job."""
+    from segsearch import jobs
+
+    if jobs.stop(job_id, address=address):
+        click.echo(f"stop requested for job {job_id}")
+    else:
+        final = jobs.status(job_id, address=address).status
+        click.echo(f"job {job_id} had already ended ({final})")
+
+
+@main.command()
+@click.argument("search_name")
+@click.option("--model-name", required=True, help="Registered model to add a version to.")
+@click.option("--alias", default="champion", show_default=True, help="Alias to point at it.")
+@click.option("--metric", default="val_miou", show_default=True, help="Metric that ranks trials.")
+@click.option(
+    "--mode",
+    type=click.Choice(["max", "min"]),
+    default="max",
+    show_default=True,
+    help="Whether a larger or a smaller metric is better.",
+)
+@click.option("--force", is_flag=True, help="Move the alias even to a model that scored worse.")
+@click.option(
+    "--tracking-uri",
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
+)
+def promote(
+    search_name: str,
+    model_name: str,
+    alias: str,
+    metric: str,
+    mode: str,
+    force: bool,
+    tracking_uri: str | None,
+) -> None:
+    """Register the best finished trial of SEARCH_NAME in the MLflow Model Registry."""
+    from segsearch.promote import promote as run_promote
+
+    done = run_promote(
+        search_name,
+        model_name=model_name,
+        alias=alias,
+        metric=metric,
+        mode=mode,
+        force=force,
+        tracking_uri=tracking_uri,
+    )
+    click.echo(done.describe())
+
+
+@main.command()
+@click.argument("model_uri")
+@click.argument("input_path", metavar="INPUT")
+@click.argument("output")
+@click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<name>.png.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs.")
+def predict(
+    model_uri: str,
+    input_path: str,
+    output: str,
+    overlay: bool,
+    batch_size: int,
+    device: str,
+    tracking_uri: str | None,
+) -> None:
+    """Segment INPUT (image folder or dataset) with MODEL_URI; masks go to OUTPUT/masks.
+
+    MODEL_URI: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint
+    directory (local or s3://). Each mask is a PNG of class ids, the size of its image.
+    """
+    from segsearch.predict import predict as run_predict
+
+    count = run_predict(
+        model_uri,
+        input_path,
+        output,
+        overlay=overlay,
+        batch_size=batch_size,
+        device=device,
+        tracking_uri=tracking_uri,
+    )
+    click.echo(f"wrote {count} masks to {output}")

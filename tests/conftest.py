@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.ray_local",
+    "tests.fixtures.ray_head",
+    "tests.fixtures.mlflow_server",
 ]
