@@ -9,6 +9,23 @@ import os
 #: always find one free, or the data stream (and the trial) waits forever.
 LOCAL_NUM_CPUS = 8
 
+#: Variables the trials need to reach object storage and MLflow, forwarded from the driver to
+#: every task and actor of the search (a cluster's nodes do not share the driver's environment).
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+
 
 def quiet_ray_data() -> None:
     """Turn off Ray Data's per-operator progress bars (many lines a second in a log)."""
@@ -20,21 +37,23 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS); else start a local instance with headroom."""
+def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS); else start Ray locally with headroom."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    options = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": False}
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **options)
     else:
         ray.init(
             address="local",
             num_cpus=LOCAL_NUM_CPUS,
             include_dashboard=False,
-            log_to_driver=False,
+            _temp_dir=temp_dir,
+            **options,
         )
     quiet_ray_data()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from segsearch.data.format import DatasetInfo, read_dataset_info
 from segsearch.errors import UserError
 from segsearch.progress import TrialProgress, format_table
 from segsearch.space import SearchSpec, nest
+from segsearch.tracking import SearchTracker
 
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
 DATA_CPU_RESERVE = 1.0
@@ -87,6 +89,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             "dataset": context.dataset,
             "dataset_info": context.dataset_info,
             "overlay": context.overlay,
+            "launched_at": time.time(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=context.workers,
@@ -113,12 +116,15 @@ def run_search(
     storage: str | None = None,
     resume: bool = False,
     address: str | None = None,
-    callbacks: list[Any] | None = None,
+    tracking_uri: str | None = None,
+    space_path: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or resume) a search described by `spec` over the dataset at `dataset`.
 
-    Everything a user can get wrong (space, dataset, storage) is checked before trials start.
+    Everything a user can get wrong (space, dataset, storage, tracking server) is checked before
+    trials start. Every trial is tracked in MLflow (`tracking_uri`, else $MLFLOW_TRACKING_URI,
+    else sqlite:///mlflow.db) under an experiment named after the search.
     """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -130,6 +136,16 @@ def run_search(
     check_trial_configs(spec, info)
     storage = resolve_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
+    can_restore = _can_restore(experiment_path, resume=resume, name=spec.name)
+    tracker = SearchTracker.start(
+        tracking_uri=tracking_uri,
+        search_name=spec.name,
+        space_path=space_path,
+        dataset_uri=dataset,
+        dataset_info=info,
+        settings=_settings(spec),
+        epochs=spec.epochs,
+    )
     init_ray(address)
     context = TrialContext(
         search_name=spec.name,
@@ -143,20 +159,12 @@ def run_search(
         overlay=_overlay_batch(dataset, spec),
     )
     trainable = ray.tune.with_parameters(run_trial, context=context)
-    run_callbacks = [TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo)]
-    run_callbacks += callbacks or []
-    can_restore = ray.tune.Tuner.can_restore(experiment_path)
-    if resume and can_restore:
+    if can_restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
         tuner = ray.tune.Tuner.restore(
             experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     else:
-        if can_restore:
-            raise UserError(
-                f"a search named {spec.name!r} already exists at {experiment_path}; "
-                "pass --resume to continue it or choose another --name"
-            )
         sampler = _sampler(spec)
         scheduler = (
             ASHAScheduler(
@@ -184,12 +192,42 @@ def run_search(
                 name=spec.name,
                 storage_path=storage,
                 failure_config=ray.tune.FailureConfig(max_failures=1),
-                callbacks=run_callbacks,
+                callbacks=[
+                    TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
+                    tracker.tune_callback(),
+                ],
                 verbose=0,
             ),
         )
     grid = tuner.fit()
+    summary = tracker.finish(grid, metric=spec.metric, mode=spec.mode)
+    echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
     return _summarize(grid, spec, experiment_path)
+
+
+def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
+    """Whether to continue an earlier search; a name already used needs --resume."""
+    import ray.tune
+
+    exists = ray.tune.Tuner.can_restore(experiment_path)
+    if exists and not resume:
+        raise UserError(
+            f"a search named {name!r} already exists at {experiment_path}; "
+            "pass --resume to continue it or choose another --name"
+        )
+    return exists
+
+
+def _settings(spec: SearchSpec) -> dict[str, Any]:
+    """The search-level settings recorded on the MLflow parent run."""
+    return {
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "trials": spec.trials,
+        "sampler": spec.sampler.model_dump(),
+        "scheduler": spec.scheduler.model_dump(),
+        "resources": spec.resources.model_dump(),
+    }
 
 
 def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 16) -> None:
@@ -264,6 +302,7 @@ def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResul
     for result in grid:
         metrics = result.metrics or {}
         score = metrics.get(spec.metric)
+        history = result.metrics_dataframe
         rows.append(
             {
                 "trial_id": metrics.get("trial_id", "?"),
@@ -272,6 +311,7 @@ def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResul
                 "config": result.config or {},
                 "checkpoint": metrics.get("checkpoint_path"),
                 "error": str(result.error) if result.error else None,
+                "history": [] if history is None else history.to_dict("records"),
             }
         )
     sign = -1 if spec.mode == "max" else 1

@@ -32,7 +32,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one trial's model; report metrics and a checkpoint every epoch (rank 0 writes it).
 
     `config` holds `trial` (the nested trial config), `dataset_info` (dataset.json as a dict),
-    `dataset` (its URI) and `overlay` (a few fixed validation images and masks for pictures).
+    `dataset` (its URI), `overlay` (a few fixed validation images and masks for pictures) and
+    `launched_at` (wall-clock time the trial started, to report how long start-up took).
     """
     import ray.train
     import ray.train.torch
@@ -66,12 +67,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch = _restore(ray.train.get_checkpoint(), net, optimizer, scheduler)
     normalize = _Normalizer(info, device)
     generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
+    startup_s = None
 
     for epoch in range(start_epoch + 1, trial.epochs + 1):
         started = time.perf_counter()
         model.train()
         loss_sum, images = 0.0, 0
         for image, mask in _batches(ray.train.get_dataset_shard("train"), trial, device, True):
+            if startup_s is None:
+                startup_s = time.time() - config["launched_at"]
             image, mask = augment(image, mask, generator=generator)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
                 logits = model(normalize(image))
@@ -98,6 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "images_per_s": images / max(train_time, 1e-9),
             "num_params": num_params,
             "lr": scheduler.get_last_lr()[0],
+            "startup_s": startup_s,
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
