@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -39,7 +40,18 @@ class TrialProgress(Callback):
         self.echo(f"trial {trial.trial_id} {how}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.echo(f"trial {trial.trial_id} failed (see its error.txt under {trial.path})")
+        self.echo(f"trial {trial.trial_id} failed: {_last_error_line(trial.error_file)}")
+        if trial.error_file:
+            self.echo(f"  full traceback: {trial.error_file}")
+
+
+def _last_error_line(error_file: str | None) -> str:
+    """The exception line of a trial's traceback (the part that says what went wrong)."""
+    try:
+        lines = Path(error_file).read_text().strip().splitlines() if error_file else []
+    except OSError:
+        lines = []
+    return lines[-1].strip() if lines else "unknown error"
 
 
 def describe(config: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 #: Logical CPUs for a local Ray instance. More than the cores on purpose: Train workers and
@@ -27,9 +28,15 @@ FORWARDED_ENV = (
 )
 
 
-def quiet_ray_data() -> None:
-    """Turn off Ray Data's per-operator progress bars (many lines a second in a log)."""
+def quiet_ray() -> None:
+    """Keep Ray's progress bars and info logs out of the user's way; segsearch prints its own
+    line per trial event (and the traceback file of a failed trial)."""
     from ray.data import DataContext
+
+    # Tune's newer console output prints its banner even at verbose=0; the classic one obeys it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -56,4 +63,4 @@ def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None
             _temp_dir=temp_dir,
             **options,
         )
-    quiet_ray_data()
+    quiet_ray()

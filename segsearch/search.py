@@ -132,6 +132,7 @@ def run_search(
 
     from segsearch.ray_setup import init_ray
 
+    dataset = absolute_uri(dataset)
     info = read_dataset_info(dataset)
     check_trial_configs(spec, info)
     storage = resolve_storage(storage)
@@ -267,6 +268,11 @@ def default_concurrency(spec: SearchSpec) -> int:
         per_trial = 1 + res.workers * res.cpus_per_worker
         fit = (total.get("CPU", 0) - DATA_CPU_RESERVE) / per_trial
     return max(1, math.floor(fit))
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (trials run in other working directories); URIs unchanged."""
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
 def resolve_storage(storage: str | None) -> str:
