@@ -157,7 +157,7 @@ def demo(
         read_dataset_info(data)
     except UserError:
         click.echo(f"writing the demo dataset to {data}")
-        make_demo_dataset(data, n_train=192, n_val=48, size=(48, 48), overwrite=True)
+        make_demo_dataset(data, n_train=256, n_val=48, size=(48, 48), overwrite=True)
     space_path = packaged_space("demo.yaml")
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = load_space(space_path).with_overrides(name=name, trials=trials, epochs=epochs)
