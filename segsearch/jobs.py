@@ -25,23 +25,8 @@ from urllib.parse import urlsplit
 
 import segsearch
 from segsearch.errors import UserError
+from segsearch.ray_setup import FORWARDED_ENV
 
-#: Local variables a job inherits by default: S3 credentials and settings, MLflow credentials.
-#: Not AWS_PROFILE / AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE: they name local files.
-FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_S3_ENDPOINT_URL",
-)
 #: Never shipped with the package.
 CODE_EXCLUDES = ["__pycache__", "*.pyc", "*.pyo"]
 #: Seconds to wait for the dashboard port before calling the address unreachable.

@@ -10,8 +10,9 @@ import os
 #: always find one free, or the data stream (and the trial) waits forever.
 LOCAL_NUM_CPUS = 8
 
-#: Variables the trials need to reach object storage and MLflow, forwarded from the driver to
-#: every task and actor of the search (a cluster's nodes do not share the driver's environment).
+#: Variables a search needs on every node: S3 credentials and settings, MLflow credentials. They are
+#: forwarded from the driver to the search's tasks and actors, and from `segsearch submit` to the
+#: job. Not AWS_PROFILE / AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE: they name local files.
 FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -19,11 +20,11 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL",
-    "AWS_PROFILE",
-    "MLFLOW_TRACKING_URI",
+    "AWS_ENDPOINT_URL_S3",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_S3_ENDPOINT_URL",
 )
 
