@@ -36,7 +36,7 @@ def quiet_ray() -> None:
 
     # Tune's newer console output prints its banner even at verbose=0; the classic one obeys it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    for name in ("ray.tune", "ray.train", "ray.data"):
+    for name in ("ray.tune", "ray.train", "ray.data", "mlflow"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
     ctx = DataContext.get_current()
@@ -53,7 +53,11 @@ def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-    options = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": False}
+    options = {
+        "runtime_env": {"env_vars": env_vars},
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    }
     if address:
         ray.init(address=address, **options)
     else:

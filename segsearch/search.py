@@ -130,8 +130,9 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from segsearch.ray_setup import init_ray
+    from segsearch.ray_setup import init_ray, quiet_ray
 
+    quiet_ray()
     dataset = absolute_uri(dataset)
     info = read_dataset_info(dataset)
     check_trial_configs(spec, info)

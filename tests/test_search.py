@@ -10,15 +10,20 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
+import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from segsearch.checkpoint import load_model
 from segsearch.data.demo import make_demo_dataset
+from segsearch.predict import MaskPredictor, predict, predict_masks
+from segsearch.promote import promote
 from segsearch.search import run_search
 from segsearch.space import parse_space
+from tests.fixtures.mlflow_server import ARTIFACT_BUCKET
 
 EPOCH_METRICS = {
     "epoch",
@@ -35,8 +40,6 @@ EPOCH_METRICS = {
 @pytest.fixture(scope="module")
 def tiny_dataset(s3_endpoint: str) -> str:
     """The demo dataset, tiny, on the S3 endpoint (shared by this module's searches)."""
-    import boto3
-
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="search-data")
     uri = "s3://search-data/tiny"
     make_demo_dataset(uri, n_train=24, n_val=8, size=(32, 32), seed=1)
@@ -62,32 +65,57 @@ def tiny_space(name: str, **overrides) -> dict:
     return space
 
 
-def test_three_trial_search_reports_every_metric_and_the_best_checkpoint_predicts(
-    ray_cluster, tiny_dataset, tmp_path
+def test_three_trial_search_tracked_in_mlflow_promoted_and_predicting(
+    ray_cluster, tiny_dataset, mlflow_server, s3_endpoint, tmp_path
 ):
+    """The product's path: search (S3 data) → MLflow server (S3 artifacts) → promote → predict."""
     spec = parse_space(tiny_space("three"))
     lines: list[str] = []
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_search(
-        spec, dataset=tiny_dataset, storage=str(tmp_path), tracking_uri=tracking, echo=lines.append
+        spec,
+        dataset=tiny_dataset,
+        storage=str(tmp_path),
+        tracking_uri=mlflow_server,
+        echo=lines.append,
     )
 
     assert len(result.trials) == 3
     assert all(t["error"] is None and t["epochs"] == 2 for t in result.trials)
     assert sum("started" in line for line in lines) == 3
     assert sum(line.endswith("finished") for line in lines) == 3
-    grid_state = _result_rows(tmp_path / "three")
-    for rows in grid_state.values():
+    for rows in _result_rows(tmp_path / "three").values():
         assert [r["epoch"] for r in rows] == [1, 2]
         for row in rows:
             assert set(row) >= EPOCH_METRICS
             assert {f"val_iou_{c}" for c in ("background", "disc")} <= set(row)
             assert 0.0 <= row["val_miou"] <= 1.0
-    assert _trial_runs(tracking, "three") == {t["trial_id"] for t in result.trials}
+    runs = _trial_runs(mlflow_server, "three")
+    assert set(runs) == {t["trial_id"] for t in result.trials}
+    client = MlflowClient(mlflow_server)
+    for run_id in runs.values():
+        assert [m.step for m in client.get_metric_history(run_id, "val_miou")] == [1, 2]
+        assert {"overlays.png", "confusion.png", "class_iou.csv"} <= {
+            a.path for a in client.list_artifacts(run_id)
+        }
+    overlay_keys = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
+        Bucket=ARTIFACT_BUCKET
+    )
+    assert any(o["Key"].endswith("/overlays.png") for o in overlay_keys.get("Contents", []))
+
+    promotion = promote("three", model_name="three-seg", tracking_uri=mlflow_server)
+    assert promotion.run_id == runs[result.best_trial_id]
+    images = tmp_path / "images"
+    images.mkdir()
+    picture = (np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)
+    Image.fromarray(picture).save(images / "a.png")
+    out = tmp_path / "out"
+    count = predict("models:/three-seg@champion", str(images), str(out), tracking_uri=mlflow_server)
+    assert count == 1
+    mask = np.asarray(Image.open(out / "masks" / "a.png"))
     model, meta = load_model(result.best_checkpoint)
-    assert meta["classes"][0] == "background"
-    logits = model.eval()(torch.rand(2, meta["in_channels"], 32, 32))
-    assert logits.shape == (2, meta["num_classes"], 32, 32)
+    expected = predict_masks(MaskPredictor(model, meta), [picture])[0]
+    assert mask.shape == (40, 52)
+    assert np.array_equal(mask, expected)
 
 
 @pytest.mark.slow
@@ -172,14 +200,14 @@ def test_resume_after_the_driver_is_killed_runs_exactly_the_requested_trials(
     assert len(_trial_runs(f"sqlite:///{tmp_path}/mlflow.db", "resume")) == 3
 
 
-def _trial_runs(tracking_uri: str, search: str) -> set[str]:
-    """Trial ids of the MLflow child runs of a search; fails on a duplicate run per trial."""
+def _trial_runs(tracking_uri: str, search: str) -> dict[str, str]:
+    """Trial id → MLflow child run id for a search; fails on a duplicate run per trial."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(search)
     runs = client.search_runs([experiment.experiment_id], "tags.`segsearch.role` = 'trial'")
     trial_ids = [run.data.tags["segsearch.trial_id"] for run in runs]
     assert len(trial_ids) == len(set(trial_ids)), "a trial has two MLflow runs"
-    return set(trial_ids)
+    return {run.data.tags["segsearch.trial_id"]: run.info.run_id for run in runs}
 
 
 def _result_rows(experiment: Path) -> dict[str, list[dict]]:
