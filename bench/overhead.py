@@ -84,7 +84,13 @@ def main() -> None:
                 },
             }
         )
-        result = run_search(spec, dataset=root, storage=f"{tmp}/runs", echo=lambda _: None)
+        result = run_search(
+            spec,
+            dataset=root,
+            storage=f"{tmp}/runs",
+            tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+            echo=lambda _: None,
+        )
         rows = result.trials[0]["history"]
         in_ray = statistics.median(r["images_per_s"] for r in rows)
         startup = rows[0]["startup_s"]

@@ -30,12 +30,13 @@ FORWARDED_ENV = (
 
 
 def quiet_ray() -> None:
-    """Keep Ray's progress bars and info logs out of the user's way; segsearch prints its own
-    line per trial event (and the traceback file of a failed trial)."""
+    """Keep Ray's (and MLflow's) progress bars and info logs out of the user's way; segsearch
+    prints its own line per trial event (and the traceback file of a failed trial)."""
     from ray.data import DataContext
 
     # Tune's newer console output prints its banner even at verbose=0; the classic one obeys it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("ray.tune", "ray.train", "ray.data", "mlflow"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
