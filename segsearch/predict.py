@@ -136,8 +136,7 @@ def predict_masks(predictor: MaskPredictor, images: Sequence[np.ndarray]) -> lis
     """Class-id masks (H,W uint8) for images that share a network input shape, in one batch."""
     device = predictor.mean.device
     tensors = [
-        torch.from_numpy(np.array(_fit_channels(image, predictor.channels)))
-        for image in images
+        torch.from_numpy(np.array(_fit_channels(image, predictor.channels))) for image in images
     ]
     inputs = torch.cat([predictor.prepare(t[None].to(device)) for t in tensors])
     logits = predictor.net(inputs)
