@@ -118,6 +118,22 @@ def test_three_trial_search_tracked_in_mlflow_promoted_and_predicting(
     assert np.array_equal(mask, expected)
 
 
+def test_a_trial_trains_with_two_ddp_workers(ray_cluster, tiny_dataset, tmp_path):
+    """Multi-worker training inside a trial: DDP over gloo, data split across the workers."""
+    space = tiny_space("ddp", trials=1, epochs=2, resources={"workers": 2, "cpus_per_worker": 1})
+    result = run_search(
+        parse_space(space),
+        dataset=tiny_dataset,
+        storage=str(tmp_path),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    )
+    (trial,) = result.trials
+    assert trial["error"] is None and trial["epochs"] == 2
+    assert [row["epoch"] for row in trial["history"]] == [1, 2]
+    model, meta = load_model(result.best_checkpoint)
+    assert meta["epoch"] == 2 and not hasattr(model, "module")
+
+
 @pytest.mark.slow
 def test_asha_stops_trials_that_cannot_learn(ray_cluster, tiny_dataset, tmp_path):
     # Random sampling with seed 6 draws lr 0.02, 0.02, 1e-12: the third cannot learn.
