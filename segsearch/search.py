@@ -61,8 +61,8 @@ class SearchResult:
             return None
         return min(scores) if self.mode == "max" else max(scores)
 
-    def table(self, top: int | None = None) -> str:
-        return format_table(self.trials[:top], metric=self.metric)
+    def table(self) -> str:
+        return format_table(self.trials, metric=self.metric)
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
