@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 #: Logical CPUs for a local Ray instance. More than the cores on purpose: Train workers and
 #: Tune's trial drivers each hold whole logical CPUs, and Ray Data's read/decode tasks must
@@ -27,6 +28,10 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_S3_ENDPOINT_URL",
 )
+
+
+#: Set by Ray in the driver of a Ray Job (`segsearch submit`).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def quiet_ray() -> None:
@@ -53,12 +58,11 @@ def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-    options = {
-        "runtime_env": {"env_vars": env_vars},
-        "log_to_driver": False,
-        "logging_level": logging.ERROR,
-    }
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if JOB_CONFIG_ENV not in os.environ:
+        # A Ray Job's runtime env already carries them (and Ray refuses to merge the same keys).
+        env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+        options["runtime_env"] = {"env_vars": env_vars}
     if address:
         ray.init(address=address, **options)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -26,6 +27,7 @@ from segsearch.visualize import plot_confusion, render_overlays, write_class_iou
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE = "train_state.pt"
+METRICS_FILE = "metrics.json"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -64,7 +66,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(trial.optim, steps_per_epoch, trial.epochs)
     )
-    start_epoch = _restore(ray.train.get_checkpoint(), net, optimizer, scheduler)
+    restored = ray.train.get_checkpoint()
+    start_epoch, last_metrics = _restore(restored, net, optimizer, scheduler)
+    if start_epoch >= trial.epochs:
+        # The run had finished when its trial was interrupted: report its result again, so the
+        # resumed trial ends with its metrics and checkpoint instead of an empty result.
+        ray.train.report(last_metrics, checkpoint=restored if rank == 0 else None)
+        return
     normalize = _Normalizer(info, device)
     generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
     startup_s = None
@@ -107,7 +115,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                _write_checkpoint(Path(tmp), net, optimizer, scheduler, epoch, config, scores, info)
+                _write_checkpoint(
+                    Path(tmp), net, optimizer, scheduler, config, metrics, scores, info
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -199,16 +209,19 @@ def _lr_factor(optim: OptimConfig, steps_per_epoch: int, epochs: int):
     return factor
 
 
-def _restore(checkpoint: Any, net: nn.Module, optimizer: Any, scheduler: Any) -> int:
-    """Load the latest checkpoint of this run, if any; return the last finished epoch."""
+def _restore(
+    checkpoint: Any, net: nn.Module, optimizer: Any, scheduler: Any
+) -> tuple[int, dict[str, Any]]:
+    """Load the latest checkpoint of this run, if any: the last finished epoch and its metrics."""
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as directory:
         net.load_state_dict(_load(Path(directory) / MODEL_FILE))
         state = _load(Path(directory) / TRAIN_STATE)
+        metrics = json.loads((Path(directory) / METRICS_FILE).read_text())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"])
+    return int(state["epoch"]), metrics
 
 
 def _load(path: Path) -> Any:
@@ -221,11 +234,12 @@ def _write_checkpoint(
     net: nn.Module,
     optimizer: Any,
     scheduler: Any,
-    epoch: int,
     config: dict[str, Any],
+    metrics: dict[str, Any],
     scores: dict[str, Any],
     info: DatasetInfo,
 ) -> None:
+    epoch = metrics["epoch"]
     trial = config["trial"]
     meta = {
         "model": trial.get("model", {}),
@@ -241,6 +255,7 @@ def _write_checkpoint(
         "epoch": epoch,
     }
     save_model(directory, net, meta)
+    (directory / METRICS_FILE).write_text(json.dumps(metrics))
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
         directory / TRAIN_STATE,
