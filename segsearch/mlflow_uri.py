@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def check_tracking_server(uri: str, *, timeout_s: float = 10.0, existing: bool =
     except (urllib.error.URLError, OSError) as err:
         problem = str(getattr(err, "reason", err))
     raise UserError(
-        f"MLflow tracking server {uri} is unreachable ({problem}); start it or pass another "
-        "--tracking-uri / MLFLOW_TRACKING_URI"
+        f"MLflow tracking server {without_password(uri)} is unreachable ({problem}); start it or "
+        "pass another --tracking-uri / MLFLOW_TRACKING_URI"
     )
+
+
+def without_password(uri: str) -> str:
+    """The URI as it may be shown: a `user:password@` part loses its password."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

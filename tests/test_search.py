@@ -196,23 +196,27 @@ def test_resume_after_the_driver_is_killed_runs_exactly_the_requested_trials(
         finished += line.rstrip().endswith("finished")
         if finished == 1 or time.monotonic() > deadline:
             break
+    while time.monotonic() < deadline and not any(
+        len(epochs) == 2 for epochs in _trained(storage / "resume").values()
+    ):
+        time.sleep(0.5)  # until Tune's result file holds the finished trial's epochs
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert finished == 1
-    before = _result_rows(storage / "resume")
+    before = _trained(storage / "resume")
 
     resumed = subprocess.run(
         [*command, "--resume"], capture_output=True, text=True, env=env, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = _result_rows(storage / "resume")
+    after = _trained(storage / "resume")
     assert len(after) == 3
-    for trial_dir, rows in after.items():
-        assert [r["epoch"] for r in rows] == [1, 2], f"{trial_dir} trained an epoch twice"
-    finished_before = {d for d, rows in before.items() if len(rows) == 2}
+    for trial_dir, epochs in after.items():
+        assert [epoch for epoch, _ in epochs] == [1, 2], f"{trial_dir} trained an epoch twice"
+    finished_before = {d for d, epochs in before.items() if len(epochs) == 2}
     assert len(finished_before) == 1
     for trial_dir in finished_before:
-        assert after[trial_dir] == before[trial_dir], "a finished trial ran again"
+        assert after[trial_dir] == before[trial_dir], "a finished trial trained again"
     assert len(_trial_runs(f"sqlite:///{tmp_path}/mlflow.db", "resume")) == 3
 
 
@@ -224,6 +228,20 @@ def _trial_runs(tracking_uri: str, search: str) -> dict[str, str]:
     trial_ids = [run.data.tags["segsearch.trial_id"] for run in runs]
     assert len(trial_ids) == len(set(trial_ids)), "a trial has two MLflow runs"
     return {run.data.tags["segsearch.trial_id"]: run.info.run_id for run in runs}
+
+
+def _trained(experiment: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each trial's distinct trained epochs as (epoch, epoch_time_s).
+
+    A trial whose Train run had finished when the driver died reports that result again on
+    resume (same epoch, same time); an epoch trained twice would have its own time.
+    """
+    rows = _result_rows(experiment)
+    return {
+        trial: sorted({(r["epoch"], r["epoch_time_s"]) for r in trial_rows})
+        for trial, trial_rows in rows.items()
+        if trial_rows
+    }
 
 
 def _result_rows(experiment: Path) -> dict[str, list[dict]]:
