@@ -15,10 +15,12 @@ SHOWN_PARAMS = ("model.arch", "model.depth", "model.width", "model.upsample", "l
 class TrialProgress(Callback):
     """Prints `trial <id> started | epoch k/E metric=… | stopped early | finished | failed`."""
 
-    def __init__(self, *, metric: str, epochs: int, echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, *, metric: str, epochs: int, echo: Callable[[str], None] | None = None
+    ) -> None:
         self.metric = metric
         self.epochs = epochs
-        self.echo = echo
+        self.echo = echo or print_line
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.echo(f"trial {trial.trial_id} started: {describe(trial.config)}")
@@ -43,6 +45,12 @@ class TrialProgress(Callback):
         self.echo(f"trial {trial.trial_id} failed: {_last_error_line(trial.error_file)}")
         if trial.error_file:
             self.echo(f"  full traceback: {trial.error_file}")
+
+
+def print_line(line: str) -> None:
+    """The default echo: a module function, so a pickled callback refers to it by name (a
+    reference to the builtin `print` fails to pickle when something has wrapped `print`)."""
+    print(line, flush=True)
 
 
 def _last_error_line(error_file: str | None) -> str:

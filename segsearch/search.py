@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from ray.tune import Callback
 
 from segsearch.config import TrialConfig
 from segsearch.data.format import DatasetInfo, read_dataset_info
 from segsearch.errors import UserError
-from segsearch.progress import TrialProgress, format_table
+from segsearch.progress import TrialProgress, format_table, print_line
 from segsearch.space import SearchSpec, nest
 from segsearch.tracking import SearchTracker
 
@@ -63,6 +65,32 @@ class SearchResult:
 
     def table(self) -> str:
         return format_table(self.trials, metric=self.metric)
+
+
+class ReleasePlacementGroups(Callback):
+    """Frees the Train workers' placement group of a trial that Tune stopped (ASHA) or lost.
+
+    Ray Train removes it through a cleaner actor that needs the state API (the dashboard); on a
+    local instance without one, or beside another Ray instance, it never does, and the CPUs of
+    every stopped trial stay reserved until later trials cannot start.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _release((trial.last_result or {}).get("placement_group"))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _release((trial.last_result or {}).get("placement_group"))
+
+
+def _release(group_id: str | None) -> None:
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    if group_id and placement_group_table().get(group_id, {}).get("state") == "CREATED":
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -118,7 +146,7 @@ def run_search(
     address: str | None = None,
     tracking_uri: str | None = None,
     space_path: str | Path | None = None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = print_line,
 ) -> SearchResult:
     """Run (or resume) a search described by `spec` over the dataset at `dataset`.
 
@@ -197,6 +225,7 @@ def run_search(
                 callbacks=[
                     TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
                     tracker.tune_callback(),
+                    ReleasePlacementGroups(),
                 ],
                 verbose=0,
             ),

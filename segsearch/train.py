@@ -111,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "num_params": num_params,
             "lr": scheduler.get_last_lr()[0],
             "startup_s": startup_s,
+            "placement_group": _placement_group_id(),
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -120,6 +121,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _placement_group_id() -> str | None:
+    """This run's placement group, for the search to release if Tune stops the trial early."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    return group.id.hex() if group else None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

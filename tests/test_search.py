@@ -13,6 +13,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+import ray
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
@@ -160,6 +161,8 @@ def test_asha_stops_trials_that_cannot_learn(ray_cluster, tiny_dataset, tmp_path
     by_lr = {}
     for trial in result.trials:
         by_lr.setdefault(trial["config"]["optim.lr"], []).append(trial["epochs"])
+    groups = ray.util.placement_group_table().values()
+    assert [g for g in groups if g["state"] == "CREATED"] == [], "a stopped trial kept its CPUs"
     assert 3 in by_lr[0.02], "a learning trial must run to the end"
     assert by_lr[1.0e-12] == [1], "ASHA must stop the trial that cannot learn at its first rung"
     assert len(result.trials) == 3  # trial N+1 started after trial N released its resources
