@@ -33,7 +33,6 @@ and at small budgets the difference it shows is mostly ASHA's.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import statistics
 import tempfile
@@ -44,7 +43,7 @@ from typing import Any
 import yaml
 
 from segsearch.data.demo import make_demo_dataset
-from segsearch.ray_setup import LOCAL_NUM_CPUS
+from segsearch.ray_setup import init_ray
 from segsearch.search import run_search
 from segsearch.space import SchedulerSpec, packaged_space, parse_space
 
@@ -111,23 +110,11 @@ def epoch_order(trials: list[dict[str, Any]]) -> list[tuple[str, float]]:
 
 
 def run_one(label: str, space: dict[str, Any], *, dataset: str, tmp: str) -> Run:
-    """Run one search on a fresh local Ray instance.
-
-    Every trial ASHA stops leaves its Train worker placement group (one logical CPU) reserved: Tune
-    kills the trial and Train's PlacementGroupCleaner cannot reach the state API here. A fresh
-    instance per search, with a logical CPU per trial on top of the usual ones, keeps those leaks
-    from starving Ray Data. Concurrency stays the space's max_concurrent, so compute is unchanged.
-    """
+    """Run one search on a fresh local Ray instance, as `segsearch search` starts it."""
     import ray
 
     started = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=LOCAL_NUM_CPUS + space["trials"],
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
+    init_ray()
     try:
         result = run_search(
             parse_space(space, source=label),
