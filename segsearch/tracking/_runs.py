@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -26,13 +27,24 @@ def experiment_for(client: MlflowClient, name: str) -> str:
     """The id of the experiment named after the search, made on first use."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, tags={ROLE: "search"})
+        return client.create_experiment(
+            name, artifact_location=local_artifact_root(client.tracking_uri), tags={ROLE: "search"}
+        )
     if experiment.lifecycle_stage == "deleted":
         raise UserError(
             f"MLflow experiment {name!r} was deleted; restore it (mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}) or choose another --name"
         )
     return experiment.experiment_id
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """For a sqlite:/// store, `mlruns/` beside the database file, not in whatever folder the
+    search happens to run from (MLflow's default); None (the server's choice) otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri[len("sqlite:///") :].split("?")[0]).expanduser().resolve()
+    return (database.parent / "mlruns").as_uri()
 
 
 def open_parent(client: MlflowClient, experiment_id: str, name: str) -> tuple[str, bool]:
