@@ -274,7 +274,7 @@ def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 1
     for _ in range(samples):
         ot_trial = study.ask()
         constants = spec.define_by_run(ot_trial)
-        trial = TrialConfig.from_dict({**nest({**ot_trial.params, **constants})})
+        trial = TrialConfig.from_dict(nest({**ot_trial.params, **constants}))
         build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
         build_loss(
             trial.loss,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from segsearch.checkpoint import save_model
+from segsearch.checkpoint import save_model, unwrap
 from segsearch.config import OptimConfig, TrialConfig
 from segsearch.data.augment import build_augment
 from segsearch.data.format import DatasetInfo
@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    net = _unwrap(model)
+    net = unwrap(model)  # the plain module: where only some ranks run forward (no collectives)
     loss_fn = build_loss(
         trial.loss,
         num_classes=info.num_classes,
@@ -129,11 +129,6 @@ def _placement_group_id() -> str | None:
 
     group = get_current_placement_group()
     return group.id.hex() if group else None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP: used where only some ranks run forward (no collectives)."""
-    return model.module if hasattr(model, "module") else model
 
 
 class _Normalizer:
