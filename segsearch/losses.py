@@ -13,22 +13,24 @@ enters with dice 0. On a hard prediction the loss is then exactly 1 − the mean
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator, Field, model_validator
 from scipy import ndimage
 
 from segsearch.errors import UserError
 from segsearch.registry import Registry
+from segsearch.validation import Section, number, validate
 
 __all__ = [
     "LOSSES",
+    "LossConfig",
     "SegLoss",
     "border_weight_map",
     "border_weight_maps",
@@ -271,99 +273,147 @@ class SegLoss:
 
 @dataclass(frozen=True)
 class _Context:
-    """What every loss builder may use besides its own options."""
+    """What every loss builds from besides its own options."""
 
     num_classes: int
     ignore_index: int
     class_pixel_counts: Sequence[int] | None
 
 
-LOSSES: Registry[Callable[..., SegLoss]] = Registry("loss kind")
+class CELoss(Section):
+    """Plain pixel-wise cross-entropy."""
+
+    kind: Literal["ce"] = "ce"
+
+    def build(self, ctx: _Context) -> SegLoss:
+        return SegLoss(ignore_index=ctx.ignore_index)
+
+
+class WeightedCELoss(Section):
+    """Cross-entropy with class weights from the dataset's pixel counts (dataset.json)."""
+
+    kind: Literal["weighted_ce"] = "weighted_ce"
+    weighting: Literal["inverse", "median"] = "median"
+
+    def build(self, ctx: _Context) -> SegLoss:
+        counts = ctx.class_pixel_counts
+        if counts is None:
+            raise UserError(
+                "loss kind weighted_ce needs class_pixel_counts (from dataset.json); "
+                "use kind ce without them"
+            )
+        if len(counts) != ctx.num_classes or any(c < 0 for c in counts) or not any(counts):
+            raise UserError(
+                f"class_pixel_counts must be {ctx.num_classes} non-negative counts, not all 0; "
+                f"got {list(counts)}"
+            )
+        weights = torch.from_numpy(class_balance_weights(counts, method=self.weighting))
+        return SegLoss(ignore_index=ctx.ignore_index, class_weights=weights)
+
+
+class BorderCELoss(Section):
+    """Cross-entropy weighted by the U-Net border map (`border_weight_map`)."""
+
+    kind: Literal["border_ce"] = "border_ce"
+    w0: float = number(10.0, ge=0)
+    sigma: float = number(5.0, gt=0)
+    foreground_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="a list of class ids in [0, num_classes)"
+    )
+
+    def build(self, ctx: _Context) -> SegLoss:
+        fg = self.foreground_classes
+        if fg is not None and any(c >= ctx.num_classes for c in fg):
+            raise UserError(
+                f"loss.foreground_classes must be a list of class ids in [0, {ctx.num_classes}), "
+                f"got {fg!r}"
+            )
+        border = {"w0": self.w0, "sigma": self.sigma, "foreground_classes": fg}
+        return SegLoss(ignore_index=ctx.ignore_index, border=border)
+
+
+class DiceLoss(Section):
+    """Soft Dice (denominator Σp + Σg)."""
+
+    kind: Literal["dice"] = "dice"
+    eps: float = number(DEFAULT_EPS, gt=0)
+
+    def build(self, ctx: _Context) -> SegLoss:
+        return _weighted_sum(ctx, ce_weight=0.0, dice_weight=1.0, power=1, eps=self.eps)
+
+
+class DiceSquaredLoss(Section):
+    """Squared Dice (denominator Σp² + Σg², Milletari et al.)."""
+
+    kind: Literal["dice_squared"] = "dice_squared"
+    eps: float = number(DEFAULT_EPS, gt=0)
+
+    def build(self, ctx: _Context) -> SegLoss:
+        return _weighted_sum(ctx, ce_weight=0.0, dice_weight=1.0, power=2, eps=self.eps)
+
+
+class CEDiceLoss(Section):
+    """ce_weight·CE + dice_weight·Dice, the Dice term plain or squared."""
+
+    kind: Literal["ce_dice"] = "ce_dice"
+    ce_weight: float = number(1.0, ge=0)
+    dice_weight: float = number(1.0, ge=0)
+    dice: Literal["dice", "dice_squared"] = "dice"
+    eps: float = number(DEFAULT_EPS, gt=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> CEDiceLoss:
+        if self.ce_weight == 0 and self.dice_weight == 0:
+            raise ValueError("loss.ce_weight and loss.dice_weight are both 0: nothing to train on")
+        return self
+
+    def build(self, ctx: _Context) -> SegLoss:
+        power = DICE_POWERS[self.dice]
+        return _weighted_sum(
+            ctx, ce_weight=self.ce_weight, dice_weight=self.dice_weight, power=power, eps=self.eps
+        )
+
+
 DICE_POWERS = {"dice": 1, "dice_squared": 2}
+LOSSES: Registry[type[Section]] = Registry("loss kind")
+for _kind in (CELoss, WeightedCELoss, BorderCELoss, DiceLoss, DiceSquaredLoss, CEDiceLoss):
+    LOSSES.register(_kind.model_fields["kind"].default)(_kind)
 
 
-@LOSSES.register("ce")
-def _ce(ctx: _Context) -> SegLoss:
-    return SegLoss(ignore_index=ctx.ignore_index)
+def _kind_or_ce(value: Any) -> Any:
+    """A mapping without `kind` is plain CE; an unknown kind fails with the registry's list."""
+    if not isinstance(value, Mapping):
+        return value
+    value = {"kind": "ce", **value}
+    try:
+        LOSSES.get(value["kind"])
+    except UserError as err:
+        raise ValueError(str(err)) from None
+    return value
 
 
-@LOSSES.register("weighted_ce")
-def _weighted_ce(ctx: _Context, *, weighting: str = "median") -> SegLoss:
-    _one_of("weighting", weighting, ("median", "inverse"))
-    counts = ctx.class_pixel_counts
-    if counts is None:
-        raise UserError(
-            "loss kind weighted_ce needs class_pixel_counts (from dataset.json); "
-            "use kind ce without them"
-        )
-    if len(counts) != ctx.num_classes or any(c < 0 for c in counts) or not any(counts):
-        raise UserError(
-            f"class_pixel_counts must be {ctx.num_classes} non-negative counts, not all 0; "
-            f"got {list(counts)}"
-        )
-    weights = torch.from_numpy(class_balance_weights(counts, method=weighting))
-    return SegLoss(ignore_index=ctx.ignore_index, class_weights=weights)
+LossConfig = Annotated[
+    CELoss | WeightedCELoss | BorderCELoss | DiceLoss | DiceSquaredLoss | CEDiceLoss,
+    Field(discriminator="kind"),
+    BeforeValidator(_kind_or_ce),
+]
+"""The loss section: `kind` (default ce) and exactly that kind's options."""
 
 
-@LOSSES.register("border_ce")
-def _border_ce(
-    ctx: _Context,
-    *,
-    w0: float = 10.0,
-    sigma: float = 5.0,
-    foreground_classes: Sequence[int] | None = None,
+def _weighted_sum(
+    ctx: _Context, *, ce_weight: float, dice_weight: float, power: int, eps: float
 ) -> SegLoss:
-    _number("w0", w0, minimum=0.0)
-    _number("sigma", sigma, minimum=0.0, inclusive=False)
-    if foreground_classes is not None and not (
-        _is_sequence(foreground_classes)
-        and all(_is_class_id(c, ctx.num_classes) for c in foreground_classes)
-    ):
-        raise UserError(
-            f"loss.foreground_classes must be a list of class ids in [0, {ctx.num_classes}), "
-            f"got {foreground_classes!r}"
-        )
-    fg = None if foreground_classes is None else list(foreground_classes)
-    border = {"w0": float(w0), "sigma": float(sigma), "foreground_classes": fg}
-    return SegLoss(ignore_index=ctx.ignore_index, border=border)
-
-
-@LOSSES.register("ce_dice")
-def _ce_dice(
-    ctx: _Context,
-    *,
-    ce_weight: float = 1.0,
-    dice_weight: float = 1.0,
-    dice: str = "dice",
-    eps: float = DEFAULT_EPS,
-) -> SegLoss:
-    _number("ce_weight", ce_weight, minimum=0.0)
-    _number("dice_weight", dice_weight, minimum=0.0)
-    _number("eps", eps, minimum=0.0, inclusive=False)
-    _one_of("dice", dice, tuple(DICE_POWERS))
-    if ce_weight == 0 and dice_weight == 0:
-        raise UserError("loss.ce_weight and loss.dice_weight are both 0: nothing to train on")
     return SegLoss(
-        ce_weight=float(ce_weight),
-        dice_weight=float(dice_weight),
+        ce_weight=ce_weight,
+        dice_weight=dice_weight,
         ignore_index=ctx.ignore_index,
-        dice_power=DICE_POWERS[dice],
-        eps=float(eps),
+        dice_power=power,
+        eps=eps,
     )
 
 
-@LOSSES.register("dice")
-def _dice(ctx: _Context, *, eps: float = DEFAULT_EPS) -> SegLoss:
-    return _ce_dice(ctx, ce_weight=0.0, dice_weight=1.0, dice="dice", eps=eps)
-
-
-@LOSSES.register("dice_squared")
-def _dice_squared(ctx: _Context, *, eps: float = DEFAULT_EPS) -> SegLoss:
-    return _ce_dice(ctx, ce_weight=0.0, dice_weight=1.0, dice="dice_squared", eps=eps)
-
-
 def build_loss(
-    loss_cfg: Mapping[str, Any],
+    loss_cfg: LossConfig | Mapping[str, Any],
     *,
     num_classes: int,
     ignore_index: int = 255,
@@ -376,35 +426,5 @@ def build_loss(
     dice_squared: eps (1e-6). ce_dice: ce_weight (1), dice_weight (1), dice (dice | dice_squared),
     eps. An unknown kind or option is a UserError listing the valid ones.
     """
-    options = dict(loss_cfg)
-    builder = LOSSES.get(options.pop("kind", "ce"))
-    params = inspect.signature(builder).parameters
-    valid = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        kind = loss_cfg.get("kind", "ce")
-        raise UserError(
-            f"unknown loss option(s) {unknown} for kind {kind}; valid: {['kind', *valid]}"
-        )
-    ctx = _Context(num_classes, ignore_index, class_pixel_counts)
-    return builder(ctx, **options)
-
-
-def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"unknown loss.{key} {value!r}; choose from {sorted(choices)}")
-
-
-def _number(key: str, value: Any, *, minimum: float, inclusive: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (not inclusive and value == minimum):
-        bound = ">=" if inclusive else ">"
-        raise UserError(f"loss.{key} must be a number {bound} {minimum}, got {value!r}")
-
-
-def _is_sequence(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str)
-
-
-def _is_class_id(value: Any, num_classes: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < num_classes
+    cfg = validate(LossConfig, loss_cfg, section="loss")
+    return cfg.build(_Context(num_classes, ignore_index, class_pixel_counts))

@@ -282,7 +282,10 @@ def test_border_weight_maps_batches_on_the_targets_device():
     ("cfg", "message"),
     [
         ({"kind": "focal"}, "unknown loss kind 'focal'; choose from ['border_ce', 'ce', 'ce_dice'"),
-        ({"kind": "dice", "w0": 3}, "unknown loss option(s) ['w0'] for kind dice; valid: ['kind'"),
+        (
+            {"kind": "dice", "w0": 3},
+            "unknown loss key(s) ['w0'] for kind dice; valid keys: ['kind'",
+        ),
         ({"kind": "ce_dice", "dice": "tversky"}, "choose from ['dice', 'dice_squared']"),
         ({"kind": "ce_dice", "ce_weight": 0, "dice_weight": 0}, "both 0"),
         ({"kind": "ce_dice", "dice_weight": "1"}, "loss.dice_weight must be a number"),

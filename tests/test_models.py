@@ -4,7 +4,6 @@ and a tiny U-Net that must learn a synthetic shape."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -138,7 +137,7 @@ def test_width_preserving_transpose_starts_as_bilinear_interpolation() -> None:
 
 
 def test_defaults_match_the_contract() -> None:
-    assert asdict(ModelConfig()) == {
+    assert ModelConfig().model_dump() == {
         "arch": "unet",
         "depth": 4,
         "width": 32,
@@ -173,7 +172,7 @@ def test_keys_of_other_archs_are_accepted_and_ignored() -> None:
         ({"output_stride": 8.0}, r"unknown model.output_stride 8.0"),
         ({"upsample": "up"}, r"unknown model.upsample 'up'; choose from \['bilinear', 'transp"),
         ({"norm": "layer"}, r"unknown model.norm 'layer'; choose from \['batch', 'group'\]"),
-        ({"dropout": 1.0}, r"model.dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": 1.0}, r"model.dropout must be a number in \[0, 1\), got 1.0"),
         ({"dropout": "0.1"}, r"model.dropout must be a number in \[0, 1\)"),
     ],
 )
@@ -187,7 +186,7 @@ def test_invalid_channels_or_classes_are_user_errors() -> None:
         build_model({}, in_channels=0, num_classes=2)
     with pytest.raises(UserError, match="num_classes must be a positive integer"):
         build_model({}, in_channels=3, num_classes=None)  # type: ignore[arg-type]
-    with pytest.raises(UserError, match="model config must be a mapping"):
+    with pytest.raises(UserError, match="model must be a mapping, got list"):
         build_model(["unet"], in_channels=3, num_classes=2)  # type: ignore[arg-type]
 
 

@@ -38,11 +38,12 @@ def test_every_shipped_space_samples_valid_trial_configs(path):
     spec = load_space(path)
     for config in sample(spec, 40):
         trial = TrialConfig.from_dict(config)
-        assert trial.model.get("arch") in {"fcn", "unet", "resunet", "densenet"}
-        if trial.model["arch"] != "fcn":
-            assert "fcn_skips" not in trial.model
-        if trial.model["arch"] != "densenet":
-            assert "growth_rate" not in trial.model
+        assert "arch" in trial.model.model_fields_set
+        assert trial.model.arch in {"fcn", "unet", "resunet", "densenet"}
+        if trial.model.arch != "fcn":
+            assert "fcn_skips" not in trial.model.model_fields_set
+        if trial.model.arch != "densenet":
+            assert "growth_rate" not in trial.model.model_fields_set
 
 
 def test_when_makes_a_parameter_conditional():

@@ -10,30 +10,46 @@ only. Images are float in 0..1, as `segsearch.train` feeds them.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import kornia.enhance
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
-from segsearch.errors import UserError
-from segsearch.registry import Registry
-
-#: U-Net paper (Ronneberger et al. 2015): displacements on a coarse 3×3 grid, 10 px std, bicubic.
-ELASTIC_DEFAULTS = {"sigma": 10.0, "grid": 3}
-
-_KEYS: Registry[Callable[[Any], Any]] = Registry("aug key")
+from segsearch.validation import Section, integer, number, validate
 
 
-@dataclass(frozen=True)
-class Elastic:
-    """Smooth random displacements: N(0, sigma px) on a grid × grid lattice, bicubic between."""
+class Elastic(Section):
+    """Smooth random displacements: N(0, sigma px) on a grid × grid lattice, bicubic between.
 
-    sigma: float
-    grid: int
+    The defaults are the U-Net paper's (Ronneberger et al. 2015): a coarse 3×3 grid, 10 px std.
+    """
+
+    sigma: float = number(10.0, ge=0, rule="a displacement std in px >= 0")
+    grid: int = integer(3, low=2, rule="an integer >= 2 (control points)")
+
+
+class AugConfig(Section):
+    """The aug section of a trial config; every augmentation is off by default."""
+
+    flip: bool = Field(False, description="true or false")
+    jitter_px: int = integer(0, low=0, rule="an integer number of pixels >= 0")
+    scale: float = number(0.0, ge=0, lt=1, rule="a number s in [0, 1) (zoom drawn from [1-s, 1+s])")
+    elastic: Elastic | None = Field(
+        None, description=f"true, false or a mapping with keys {sorted(Elastic.model_fields)}"
+    )
+    color: float = number(0.0, ge=0, le=1, rule="a jitter strength in [0, 1]")
+
+    @field_validator("elastic", mode="before")
+    @classmethod
+    def _elastic_switch(cls, value: Any) -> Any:
+        """`elastic: true` is the paper's deformation, `false` none."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
 
 @dataclass(frozen=True)
@@ -120,66 +136,18 @@ class Augment:
         return kornia.enhance.adjust_brightness(image, brightness.to(image.device, image.dtype))
 
 
-def build_augment(aug_cfg: Mapping[str, Any], *, ignore_index: int = 255) -> Augment:
-    """Validate the trial's `aug` mapping here, so a bad value fails before any trial runs."""
-    if not isinstance(aug_cfg, Mapping):
-        raise UserError(f"aug must be a mapping of {_KEYS.names()}, got {aug_cfg!r}")
-    options = {}
-    for key, value in aug_cfg.items():
-        options[key] = _KEYS.get(key)(value)
-    return Augment(**options, ignore_index=ignore_index)
-
-
-@_KEYS.register("flip")
-def _flip(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"aug.flip must be true or false, got {value!r}")
-    return value
-
-
-@_KEYS.register("jitter_px")
-def _jitter_px(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UserError(f"aug.jitter_px must be an integer number of pixels >= 0, got {value!r}")
-    return value
-
-
-@_KEYS.register("scale")
-def _scale(value: Any) -> float:
-    if not _is_number(value) or not 0 <= value < 1:
-        raise UserError(
-            f"aug.scale must be a number s in [0, 1) (zoom drawn from [1-s, 1+s]), got {value!r}"
-        )
-    return float(value)
-
-
-@_KEYS.register("elastic")
-def _elastic(value: Any) -> Elastic | None:
-    if isinstance(value, bool):
-        return Elastic(**ELASTIC_DEFAULTS) if value else None
-    if not isinstance(value, Mapping) or set(value) - set(ELASTIC_DEFAULTS):
-        raise UserError(
-            f"aug.elastic must be true, false or a mapping with keys {sorted(ELASTIC_DEFAULTS)}, "
-            f"got {value!r}"
-        )
-    merged = {**ELASTIC_DEFAULTS, **value}
-    sigma, grid = merged["sigma"], merged["grid"]
-    if not _is_number(sigma) or sigma < 0:
-        raise UserError(f"aug.elastic.sigma must be a displacement std in px >= 0, got {sigma!r}")
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-        raise UserError(f"aug.elastic.grid must be an integer >= 2 (control points), got {grid!r}")
-    return Elastic(sigma=float(sigma), grid=grid) if sigma else None
-
-
-@_KEYS.register("color")
-def _color(value: Any) -> float:
-    if not _is_number(value) or not 0 <= value <= 1:
-        raise UserError(f"aug.color must be a jitter strength in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def build_augment(aug_cfg: AugConfig | Mapping[str, Any], *, ignore_index: int = 255) -> Augment:
+    """Validated here when given a mapping, so a bad value fails before any trial runs."""
+    cfg = validate(AugConfig, aug_cfg, section="aug")
+    elastic = cfg.elastic if cfg.elastic is not None and cfg.elastic.sigma else None
+    return Augment(
+        flip=cfg.flip,
+        jitter_px=cfg.jitter_px,
+        scale=cfg.scale,
+        elastic=elastic,
+        color=cfg.color,
+        ignore_index=ignore_index,
+    )
 
 
 class _Draw:

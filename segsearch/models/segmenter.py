@@ -14,6 +14,7 @@ from segsearch.models.blocks import BLOCKS
 from segsearch.models.config import ARCHS, ModelConfig
 from segsearch.models.decoders import FCNDecoder, dense_decoder, unet_decoder
 from segsearch.models.encoder import Encoder, conv_encoder, dense_encoder
+from segsearch.validation import validate
 
 
 class Segmenter(nn.Module):
@@ -40,13 +41,15 @@ class Segmenter(nn.Module):
         return F.pad(logits, [-p for p in pad])
 
 
-def build_model(model_cfg: Mapping[str, Any], *, in_channels: int, num_classes: int) -> Segmenter:
+def build_model(
+    model_cfg: ModelConfig | Mapping[str, Any], *, in_channels: int, num_classes: int
+) -> Segmenter:
     """A segmentation network from the `model:` config: (N, in_channels, H, W) -> logits
     (N, num_classes, H, W). Bad keys or values raise UserError naming the valid choices."""
     for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
-    cfg = ModelConfig.from_mapping(model_cfg)
+    cfg = validate(ModelConfig, model_cfg, section="model")
     encoder, decoder = ARCHS.get(cfg.arch)(cfg, in_channels)
     return Segmenter(encoder, decoder, nn.Conv2d(decoder.out_channels, num_classes, 1))
 
