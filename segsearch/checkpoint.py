@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segsearch.errors import UserError
+from segsearch.errors import UserError, first_line
 
 MODEL_FILE = "model.pt"
 META_FILE = "trial.json"
@@ -76,7 +76,7 @@ def build_from(meta: dict[str, Any], state: bytes, location: str) -> nn.Module:
         model.load_state_dict(weights)
     except Exception as err:
         raise UserError(
-            f"{location}/{MODEL_FILE} does not fit the model in {META_FILE}: {_first_line(err)}"
+            f"{location}/{MODEL_FILE} does not fit the model in {META_FILE}: {first_line(err)}"
         ) from None
     return model.eval()
 
@@ -92,8 +92,3 @@ def _read(filesystem: Any, root: str, name: str, location: str) -> bytes:
             f"no checkpoint at {location}: {name} is missing; "
             f"give a directory holding {MODEL_FILE} and {META_FILE}"
         ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """Bad input from the user: the message says what is wrong and where, in one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """An error's message cut to its first line (its type when it has none), for one-line errors.
+
+    MLflow's exceptions keep their message in `.message`; str() of them may add more.
+    """
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

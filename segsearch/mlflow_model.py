@@ -36,7 +36,8 @@ from segsearch.checkpoint import (
     read_meta,
     save_model,
 )
-from segsearch.errors import UserError
+from segsearch.errors import UserError, first_line
+from segsearch.predictor import MaskPredictor
 
 EXTRA_DIR = "extra_files"
 EXAMPLE_SHAPE = (2, 64, 96)
@@ -55,8 +56,6 @@ def log_model(
     import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
-
-    from segsearch.predict import MaskPredictor
 
     net, meta = load_model(checkpoint_dir)
     predictor = MaskPredictor(net, meta).eval()
@@ -118,7 +117,7 @@ def load_logged_model(
             )
         except (MlflowException, OSError) as err:
             raise UserError(
-                f"cannot load model {model_uri} from {uri}: {_first_line(err)}"
+                f"cannot load model {model_uri} from {uri}: {first_line(err)}"
             ) from None
         folder = Path(local) / EXTRA_DIR
         if not (folder / META_FILE).is_file() or not (folder / MODEL_FILE).is_file():
@@ -165,8 +164,3 @@ def _run_model_location(client: Any, run_id: str, name: str) -> str:
     if models:
         return max(models, key=lambda model: model.creation_timestamp).artifact_location
     return f"{run.info.artifact_uri.rstrip('/')}/{name}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(getattr(err, "message", None) or err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

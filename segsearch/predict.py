@@ -9,72 +9,21 @@ with the training mean/std, and the logits are resized back (bilinear) before th
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from segsearch.errors import UserError
+from segsearch.checkpoint import load_model
+from segsearch.errors import UserError, first_line
+from segsearch.mlflow_model import load_logged_model
+from segsearch.predictor import MaskPredictor, predict_masks
 from segsearch.visualize import overlay as blend
 
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
-
-
-class MaskPredictor(nn.Module):
-    """uint8 images (N,H,W,C) → class ids (N,H,W): resize, normalise, net, resize back, argmax.
-
-    The same module serves `segsearch predict` and the model logged to MLflow, so the registry's
-    pyfunc and the CLI turn an image into the same mask.
-    """
-
-    def __init__(self, net: nn.Module, meta: dict[str, Any]) -> None:
-        super().__init__()
-        self.net = net
-        channels = int(meta["in_channels"])
-        self.register_buffer(
-            "mean", torch.tensor(meta["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        )
-        std = torch.tensor(meta["std"], dtype=torch.float32).clamp_min(1e-6)
-        self.register_buffer("std", std.view(1, -1, 1, 1))
-        if self.mean.shape[1] != channels or self.std.shape[1] != channels:
-            raise UserError(f"trial.json: mean/std need {channels} values (in_channels)")
-        size = meta.get("image_size")
-        self.size: tuple[int, int] | None = (int(size[0]), int(size[1])) if size else None
-        self.channels = channels
-        self.num_classes = int(meta["num_classes"])
-
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N,H,W,C → normalised float N,C,h,w at the trained image size.
-
-        Antialiased bilinear, like the PIL resize that fed training (segsearch.data.ray_data).
-        """
-        batch = images.permute(0, 3, 1, 2).float() / 255.0
-        if self.size is not None:
-            batch = F.interpolate(
-                batch, size=self.size, mode="bilinear", align_corners=False, antialias=True
-            )
-        return (batch - self.mean) / self.std
-
-    def finish(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Logits N,K,h,w → class ids N,H,W at the input's size.
-
-        Always resized, even to the same size (an exact copy), so that torch.export sees no
-        branch on the input's height and width.
-        """
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-        return logits.argmax(1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.net(self.prepare(images)), images.shape[1:3])
-
-    def input_shape(self, image: np.ndarray) -> tuple[int, ...]:
-        """The network input shape for one image: images with equal ones can share a batch."""
-        return self.size if self.size is not None else image.shape[:2]
 
 
 @dataclass(frozen=True)
@@ -88,12 +37,8 @@ class Item:
 def load_predictor(model_uri: str, *, tracking_uri: str | None = None) -> MaskPredictor:
     """A MaskPredictor from models:/…, runs:/… or a checkpoint directory (local or s3://)."""
     if model_uri.startswith(("models:/", "runs:/")):
-        from segsearch.mlflow_model import load_logged_model
-
         net, meta = load_logged_model(model_uri, tracking_uri=tracking_uri)
     else:
-        from segsearch.checkpoint import load_model
-
         net, meta = load_model(model_uri)
     return MaskPredictor(net, meta).eval()
 
@@ -129,24 +74,6 @@ def predict(
                 writer.write(posixpath.join(OVERLAYS_DIR, item.name + ".png"), picture)
             count += 1
     return count
-
-
-@torch.no_grad()
-def predict_masks(predictor: MaskPredictor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Class-id masks (H,W uint8) for images that share a network input shape, in one batch."""
-    device = predictor.mean.device
-    tensors = [
-        torch.from_numpy(np.array(_fit_channels(image, predictor.channels))) for image in images
-    ]
-    inputs = torch.cat([predictor.prepare(t[None].to(device)) for t in tensors])
-    logits = predictor.net(inputs)
-    return [
-        predictor.finish(logits[index : index + 1], image.shape[:2])[0]
-        .to(torch.uint8)
-        .cpu()
-        .numpy()
-        for index, image in enumerate(images)
-    ]
 
 
 def pick_device(name: str) -> torch.device:
@@ -241,20 +168,7 @@ def _decode(data: bytes, where: str) -> np.ndarray:
     except UserError:
         raise
     except Exception as err:
-        text = str(err).strip()
-        raise UserError(
-            f"{where}: unreadable image ({text.splitlines()[0] if text else err!r})"
-        ) from None
-
-
-def _fit_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """Gray for a colour model is repeated to 3 channels; colour for a gray model becomes luma."""
-    if image.shape[2] == channels:
-        return image
-    if channels == 3:
-        return np.repeat(image, 3, axis=2)
-    luma = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.rint(luma).clip(0, 255).astype(np.uint8)[..., None]
+        raise UserError(f"{where}: unreadable image ({first_line(err)})") from None
 
 
 def _chain(first: Item, rest: Iterable[Item]) -> Iterator[Item]:

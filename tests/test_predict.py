@@ -16,8 +16,6 @@ from segsearch.checkpoint import load_model
 from segsearch.cli import main
 from segsearch.data.images import read_image_file
 from segsearch.data.ingest import write_dataset
-from segsearch.models import ARCHS, build_model
-from segsearch.predict import MaskPredictor
 from tests.test_checkpoint import (
     CLASSES,
     one_torch_thread,  # noqa: F401 (an autouse fixture)
@@ -149,19 +147,3 @@ def test_bad_inputs_fail_with_one_line_and_exit_2(tmp_path, checkpoint):
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert "Traceback" not in result.output
-
-
-@pytest.mark.parametrize("arch", ARCHS.names())
-def test_every_architecture_exports_with_dynamic_batch_and_size(arch):
-    """What mlflow_model logs (pt2): the predictor exports and matches eager at a new size."""
-    meta = {"in_channels": 3, "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
-    net = build_model({"arch": arch, "depth": 2, "width": 4}, in_channels=3, num_classes=3)
-    predictor = MaskPredictor(net.eval(), {**meta, "image_size": [32, 32]}).eval()
-    auto = torch.export.Dim.AUTO
-    example = torch.randint(0, 256, (2, 64, 96, 3), dtype=torch.uint8)
-    program = torch.export.export(
-        predictor, (example,), dynamic_shapes=[{0: auto, 1: auto, 2: auto}]
-    )
-    images = torch.randint(0, 256, (3, 57, 33, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(images), predictor(images), rtol=0, atol=0)

@@ -24,7 +24,7 @@ from segsearch.checkpoint import load_model
 from segsearch.data.images import read_image_file
 from segsearch.mlflow_model import load_logged_model, log_model
 from segsearch.mlflow_uri import resolve_tracking_uri
-from segsearch.predict import MaskPredictor
+from segsearch.predictor import MaskPredictor
 from tests.fixtures.mlflow_server import ARTIFACT_BUCKET
 from tests.test_checkpoint import (
     one_torch_thread,  # noqa: F401 (an autouse fixture)

@@ -20,7 +20,8 @@ from PIL import Image
 
 from segsearch.checkpoint import load_model
 from segsearch.data.demo import make_demo_dataset
-from segsearch.predict import MaskPredictor, predict, predict_masks
+from segsearch.predict import predict
+from segsearch.predictor import MaskPredictor, predict_masks
 from segsearch.promote import promote
 from segsearch.search import run_search
 from segsearch.space import parse_space

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from segsearch.errors import UserError
+from segsearch.errors import UserError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _GRAY = ("L", "LA", "La")
@@ -98,7 +98,7 @@ def image_header(path: str | Path) -> tuple[int, int, int]:
         with Image.open(path) as image:
             height, width, mode = image.height, image.width, image.mode
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise UserError(f"{path}: unreadable image ({_reason(err)})") from None
+        raise UserError(f"{path}: unreadable image ({first_line(err)})") from None
     return height, width, 1 if mode in ("1", "L", *_GRAY, *_SIXTEEN_BIT) else 3
 
 
@@ -114,7 +114,7 @@ def _open(data: bytes, path: str | Path) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise UserError(f"{path}: unreadable image ({_reason(err)})") from None
+        raise UserError(f"{path}: unreadable image ({first_line(err)})") from None
     return image
 
 
@@ -140,7 +140,3 @@ def _image_array(image: Image.Image, source: str) -> np.ndarray:
 def _single_frame(image: Image.Image, source: str | Path) -> None:
     if getattr(image, "n_frames", 1) > 1:
         raise UserError(f"{source}: has {image.n_frames} frames; save one image per file")
-
-
-def _reason(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
