@@ -273,7 +273,7 @@ class SegLoss:
 
 @dataclass(frozen=True)
 class _Context:
-    """What every loss builds from besides its own options."""
+    """What every loss builder may use besides its own options."""
 
     num_classes: int
     ignore_index: int
@@ -376,8 +376,8 @@ class CEDiceLoss(Section):
 
 DICE_POWERS = {"dice": 1, "dice_squared": 2}
 LOSSES: Registry[type[Section]] = Registry("loss kind")
-for _kind in (CELoss, WeightedCELoss, BorderCELoss, DiceLoss, DiceSquaredLoss, CEDiceLoss):
-    LOSSES.register(_kind.model_fields["kind"].default)(_kind)
+for _section in (CELoss, WeightedCELoss, BorderCELoss, DiceLoss, DiceSquaredLoss, CEDiceLoss):
+    LOSSES.register(_section.model_fields["kind"].default)(_section)
 
 
 def _kind_or_ce(value: Any) -> Any:

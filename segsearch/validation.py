@@ -118,7 +118,9 @@ def one_line(
     kind = first["type"]
     if kind == "extra_forbidden":
         parent = first["loc"][:-1]
-        unknown = sorted(str(e["loc"][-1]) for e in errors if e["loc"][:-1] == parent)
+        unknown = sorted(
+            str(e["loc"][-1]) for e in errors if e["type"] == kind and e["loc"][:-1] == parent
+        )
         valid = sorted(models[0].model_fields, key=lambda name: (name != DISCRIMINATOR, name))
         tag = models[0].model_fields.get(DISCRIMINATOR)
         for_kind = f" for {DISCRIMINATOR} {tag.default}" if tag is not None else ""
@@ -148,7 +150,7 @@ def _locate(
     field, value = None, data
     for part in loc:
         if len(models) > 1:
-            models = [m for m in models if _tag(m) == part] or models
+            models = [m for m in models if _tag(m) == part]
             continue
         if not models or part not in models[0].model_fields:
             break
