@@ -53,6 +53,11 @@ def join(path: str, *parts: str) -> str:
     return posixpath.join(path, *parts)
 
 
+def display_path(fs: pafs.FileSystem, path: str) -> str:
+    """A filesystem path as the user writes it: s3://bucket/key on S3, the path itself locally."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
 def endpoint() -> str:
     """The S3 endpoint requests go to, for messages: AWS_ENDPOINT_URL(_S3) or AWS's own."""
     url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
