@@ -10,23 +10,39 @@ That is also why the shards are not read with `ray.data.read_parquet`: in Ray 2.
 a file-listing task that holds one whole CPU, not configurable, and with less than one CPU free
 (Train workers holding the rest) that task never starts and the trial hangs. Instead the driver
 lists the Parquet row groups (one footer read per shard) and Ray Data maps over them.
+
+Damage: a shard whose footer does not parse, or that is missing, fails `load_splits` on the
+driver, before any trial; a row whose image or mask does not decode fails the Ray Data task that
+decodes it. Both raise `DataError`, one line naming the shard file (and the row and its id). A
+store that does not answer is retried for READ_RETRY_SECONDS: an S3 endpoint restarting for a
+few seconds costs a trial a pause, not its life.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from segsearch.data.format import read_dataset_info, shard_paths
+from segsearch.data.format import DatasetInfo, read_dataset_info, shard_paths
 from segsearch.data.images import decode_image, decode_mask
-from segsearch.data.storage import filesystem_for, storage_errors
-from segsearch.errors import UserError
+from segsearch.data.storage import (
+    display_path,
+    filesystem_for,
+    is_missing,
+    is_store_failure,
+    is_unreachable,
+    storage_error,
+    storage_errors,
+)
+from segsearch.errors import DataError, UserError
 
 if TYPE_CHECKING:
     import ray.data
@@ -36,6 +52,10 @@ DATA_CPUS = 0.25
 #: Rows per decoded block: small blocks stream to the trainer without piling up in memory.
 DECODE_BATCH = 16
 COLUMNS = ["id", "image", "mask"]
+#: How long a shard read waits, in all, for a store that does not answer.
+READ_RETRY_SECONDS = 60.0
+
+T = TypeVar("T")
 
 
 def load_splits(
@@ -49,26 +69,22 @@ def load_splits(
     info = read_dataset_info(uri)
     size = _check_size(image_size)
     fs, root = filesystem_for(uri)
-    datasets = {}
-    for split, count in info.splits.items():
-        if count == 0:
-            continue
-        with storage_errors(uri):
-            units, rows = _row_groups(fs, shard_paths(fs, root, split))
-        if rows != count:
-            raise UserError(
-                f"{uri}: split {split!r} has {rows} rows in its shards, dataset.json says "
-                f"{count}; ingest it again"
-            )
-        datasets[split] = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+    units = {
+        split: _split_units(uri, fs, root, info, split)
+        for split, count in info.splits.items()
+        if count > 0
+    }
+    return {
+        split: ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_row_groups,
             fn_kwargs={"filesystem": fs, "channels": info.channels, "size": size},
             batch_size=1,
             batch_format="numpy",
             num_cpus=DATA_CPUS,
-            concurrency=_max_tasks(len(units)),
+            concurrency=_max_tasks(len(items)),
         )
-    return datasets
+        for split, items in units.items()
+    }
 
 
 def read_row_groups(
@@ -78,23 +94,72 @@ def read_row_groups(
     channels: int,
     size: tuple[int, int] | None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read Parquet row groups and yield them decoded, DECODE_BATCH rows at a time."""
-    for path, group in zip(units["path"], units["row_group"], strict=True):
-        with filesystem.open_input_file(str(path)) as source:
-            table = pq.ParquetFile(source).read_row_group(int(group), columns=COLUMNS)
+    """Read Parquet row groups and yield them decoded, DECODE_BATCH rows at a time.
+
+    `units` holds each row group's shard `path`, `row_group` number and `first_row` (its first
+    row's index in the shard, for messages)."""
+    for path, group, first in zip(
+        units["path"], units["row_group"], units["first_row"], strict=True
+    ):
+        table = read_shard(
+            filesystem,
+            str(path),
+            lambda parquet, g=int(group): parquet.read_row_group(g, columns=COLUMNS),
+        )
+        shard = display_path(filesystem, str(path))
         for start in range(0, table.num_rows, DECODE_BATCH):
             chunk = table.slice(start, DECODE_BATCH)
             batch = {name: chunk.column(name).to_pylist() for name in COLUMNS}
-            yield decode_batch(batch, channels=channels, size=size)
+            yield decode_batch(
+                batch, channels=channels, size=size, shard=shard, first_row=int(first) + start
+            )
+
+
+def read_shard(fs: pafs.FileSystem, path: str, read: Callable[[pq.ParquetFile], T]) -> T:
+    """`read` applied to one shard, retried while the store does not answer.
+
+    A missing shard or bytes that are not Parquet raise DataError naming the shard; other
+    store failures a UserError naming the store.
+    """
+    name = display_path(fs, path)
+    deadline = time.monotonic() + READ_RETRY_SECONDS
+    delay = 0.25
+    while True:
+        try:
+            with fs.open_input_file(path) as source:
+                return read(pq.ParquetFile(source))
+        except OSError as err:
+            if is_missing(err):
+                raise DataError(
+                    f"{name}: shard is missing (listed in dataset.json; deleted since?)"
+                ) from None
+            if not is_store_failure(err):
+                raise _not_parquet(name, err) from None
+            if not is_unreachable(err) or time.monotonic() + delay > deadline:
+                raise storage_error(name, err) from None
+        except pa.ArrowException as err:
+            raise _not_parquet(name, err) from None
+        time.sleep(delay)
+        delay = min(2 * delay, 4.0)
 
 
 def decode_batch(
-    batch: Mapping[str, Sequence[Any]], *, channels: int, size: tuple[int, int] | None
+    batch: Mapping[str, Sequence[Any]],
+    *,
+    channels: int,
+    size: tuple[int, int] | None,
+    shard: str = "batch",
+    first_row: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Encoded rows → uint8 arrays, resized to `size` (H, W) when given."""
+    """Encoded rows → uint8 arrays, resized to `size` (H, W) when given.
+
+    A row that does not decode raises DataError naming `shard`, its row (counted from
+    `first_row`) and its id."""
     images, masks = [], []
-    for image_bytes, mask_bytes in zip(batch["image"], batch["mask"], strict=True):
-        image, mask = decode_image(image_bytes), decode_mask(mask_bytes)
+    rows = zip(batch["id"], batch["image"], batch["mask"], strict=True)
+    for offset, (sample_id, image_bytes, mask_bytes) in enumerate(rows):
+        where = f"{shard}: row {first_row + offset} (id {str(sample_id)!r})"
+        image, mask = _decode_row(where, image_bytes, mask_bytes)
         if image.shape[2] != channels:
             image = np.repeat(image, channels, axis=2)
         if size is not None and image.shape[:2] != size:
@@ -120,6 +185,35 @@ class TorchCollate(NumpyBatchCollateFn):
         }
 
 
+def _decode_row(where: str, image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+    image = _decoded(decode_image, image_bytes, f"{where}: image")
+    mask = _decoded(decode_mask, mask_bytes, f"{where}: mask")
+    if mask.ndim != 2:
+        raise DataError(f"{where}: mask is not a one-channel PNG of class ids; ingest again")
+    if mask.shape != image.shape[:2]:
+        raise DataError(
+            f"{where}: mask {mask.shape[1]}×{mask.shape[0]} differs from image "
+            f"{image.shape[1]}×{image.shape[0]}; ingest the dataset again"
+        )
+    return image, mask
+
+
+def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, what: str) -> np.ndarray:
+    try:
+        return decode(data)
+    except (UserError, OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad bytes
+        raise DataError(f"{what} does not decode ({_reason(err)}); ingest again") from None
+
+
+def _not_parquet(name: str, err: Exception) -> DataError:
+    return DataError(f"{name}: not a readable Parquet file ({_reason(err)}); ingest again")
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     picture = Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
     resized = np.asarray(picture.resize((size[1], size[0]), resample=resample))
@@ -135,15 +229,33 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return ragged
 
 
-def _row_groups(fs: pafs.FileSystem, paths: list[str]) -> tuple[list[dict[str, Any]], int]:
+def _split_units(
+    uri: str, fs: pafs.FileSystem, root: str, info: DatasetInfo, split: str
+) -> list[dict[str, Any]]:
+    """The row groups of one split, checked against dataset.json's count."""
+    with storage_errors(uri):
+        paths = shard_paths(fs, root, split, info=info)
     units, rows = [], 0
     for path in paths:
-        with fs.open_input_file(path) as source:
-            metadata = pq.ParquetFile(source).metadata
+        metadata = read_shard(fs, path, lambda parquet: parquet.metadata)
+        _check_columns(display_path(fs, path), metadata)
+        first = 0
         for group in range(metadata.num_row_groups):
-            units.append({"path": path, "row_group": group})
-            rows += metadata.row_group(group).num_rows
-    return units, rows
+            units.append({"path": path, "row_group": group, "first_row": first})
+            first += metadata.row_group(group).num_rows
+        rows += first
+    if rows != info.splits[split]:
+        raise UserError(
+            f"{uri}: split {split!r} has {rows} rows in its shards, dataset.json says "
+            f"{info.splits[split]}; ingest it again"
+        )
+    return units
+
+
+def _check_columns(name: str, metadata: pq.FileMetaData) -> None:
+    missing = [column for column in COLUMNS if column not in metadata.schema.names]
+    if missing:
+        raise DataError(f"{name}: not a segsearch shard (no column {', '.join(missing)})")
 
 
 def _max_tasks(units: int) -> int | None:
