@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -140,19 +141,32 @@ def test_a_damaged_shard_is_named_before_ray_starts(tmp_path, damage, reason) ->
     assert "\n" not in str(caught.value)
 
 
-def read_all(dest: str, split: str = "train") -> list[dict]:
-    """Every batch read_row_groups yields for a split, the way a Ray Data task runs it."""
+def row_group_units(dest: str, split: str = "train") -> tuple[pafs.FileSystem, int, list[dict]]:
+    """The filesystem, channels and one `units` batch per shard, as load_splits hands them out."""
     fs, root = filesystem_for(dest)
     info = read_dataset_info(dest)
     batches = []
     for path in shard_paths(fs, root, split, info=info):
-        groups = pq.ParquetFile(path).metadata.num_row_groups
-        first = [sum(pq.ParquetFile(path).metadata.row_group(g).num_rows for g in range(i))
-                 for i in range(groups)]  # fmt: skip
-        units = {"path": np.array([path] * groups), "row_group": np.arange(groups),
-                 "first_row": np.array(first)}  # fmt: skip
-        batches += read_row_groups(units, filesystem=fs, channels=info.channels, size=None)
-    return batches
+        groups = [
+            pq.ParquetFile(path, filesystem=fs).metadata.row_group(g).num_rows
+            for g in range(pq.ParquetFile(path, filesystem=fs).metadata.num_row_groups)
+        ]
+        batches.append({"path": np.array([path] * len(groups)), "row_group": np.arange(len(groups)),
+                        "first_row": np.cumsum([0, *groups[:-1]])})  # fmt: skip
+    return fs, info.channels, batches
+
+
+def read_units(fs: pafs.FileSystem, channels: int, units: list[dict]) -> list[dict]:
+    """Every batch read_row_groups yields, the way the Ray Data tasks of a split run it."""
+    return [
+        batch
+        for unit in units
+        for batch in read_row_groups(unit, filesystem=fs, channels=channels, size=None)
+    ]
+
+
+def read_all(dest: str, split: str = "train") -> list[dict]:
+    return read_units(*row_group_units(dest, split))
 
 
 @pytest.mark.parametrize(
