@@ -12,36 +12,24 @@ a file-listing task that holds one whole CPU, not configurable, and with less th
 lists the Parquet row groups (one footer read per shard) and Ray Data maps over them.
 
 Damage: a shard whose footer does not parse, or that is missing, fails `load_splits` on the
-driver, before any trial; a row whose image or mask does not decode fails the Ray Data task that
-decodes it. Both raise `DataError`, one line naming the shard file (and the row and its id). A
-store that does not answer is retried for READ_RETRY_SECONDS: an S3 endpoint restarting for a
-few seconds costs a trial a pause, not its life.
+driver (see shards.py); a row whose image or mask does not decode fails the Ray Data task that
+decodes it. Both raise `DataError`, one line naming the shard file (and the row and its id).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from segsearch.data.format import DatasetInfo, read_dataset_info, shard_paths
+from segsearch.data.format import read_dataset_info
 from segsearch.data.images import decode_image, decode_mask
-from segsearch.data.storage import (
-    display_path,
-    filesystem_for,
-    is_missing,
-    is_store_failure,
-    is_unreachable,
-    storage_error,
-    storage_errors,
-)
+from segsearch.data.shards import COLUMNS, dataset_units, error_reason, read_shard
+from segsearch.data.storage import display_path, filesystem_for
 from segsearch.errors import DataError, UserError
 
 if TYPE_CHECKING:
@@ -51,11 +39,6 @@ if TYPE_CHECKING:
 DATA_CPUS = 0.25
 #: Rows per decoded block: small blocks stream to the trainer without piling up in memory.
 DECODE_BATCH = 16
-COLUMNS = ["id", "image", "mask"]
-#: How long a shard read waits, in all, for a store that does not answer.
-READ_RETRY_SECONDS = 60.0
-
-T = TypeVar("T")
 
 
 def load_splits(
@@ -66,14 +49,10 @@ def load_splits(
     fails here, before any trial starts."""
     import ray.data
 
-    info = read_dataset_info(uri)
     size = _check_size(image_size)
+    info = read_dataset_info(uri)
     fs, root = filesystem_for(uri)
-    units = {
-        split: _split_units(uri, fs, root, info, split)
-        for split, count in info.splits.items()
-        if count > 0
-    }
+    units = dataset_units(uri, fs, root, info)
     return {
         split: ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_row_groups,
@@ -113,34 +92,6 @@ def read_row_groups(
             yield decode_batch(
                 batch, channels=channels, size=size, shard=shard, first_row=int(first) + start
             )
-
-
-def read_shard(fs: pafs.FileSystem, path: str, read: Callable[[pq.ParquetFile], T]) -> T:
-    """`read` applied to one shard, retried while the store does not answer.
-
-    A missing shard or bytes that are not Parquet raise DataError naming the shard; other
-    store failures a UserError naming the store.
-    """
-    name = display_path(fs, path)
-    deadline = time.monotonic() + READ_RETRY_SECONDS
-    delay = 0.25
-    while True:
-        try:
-            with fs.open_input_file(path) as source:
-                return read(pq.ParquetFile(source))
-        except OSError as err:
-            if is_missing(err):
-                raise DataError(
-                    f"{name}: shard is missing (listed in dataset.json; deleted since?)"
-                ) from None
-            if not is_store_failure(err):
-                raise _not_parquet(name, err) from None
-            if not is_unreachable(err) or time.monotonic() + delay > deadline:
-                raise storage_error(name, err) from None
-        except pa.ArrowException as err:
-            raise _not_parquet(name, err) from None
-        time.sleep(delay)
-        delay = min(2 * delay, 4.0)
 
 
 def decode_batch(
@@ -202,16 +153,7 @@ def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, what: str) -> n
     try:
         return decode(data)
     except (UserError, OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad bytes
-        raise DataError(f"{what} does not decode ({_reason(err)}); ingest again") from None
-
-
-def _not_parquet(name: str, err: Exception) -> DataError:
-    return DataError(f"{name}: not a readable Parquet file ({_reason(err)}); ingest again")
-
-
-def _reason(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise DataError(f"{what} does not decode ({error_reason(err)}); ingest again") from None
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
@@ -227,35 +169,6 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     ragged = np.empty(len(arrays), dtype=object)
     ragged[:] = arrays
     return ragged
-
-
-def _split_units(
-    uri: str, fs: pafs.FileSystem, root: str, info: DatasetInfo, split: str
-) -> list[dict[str, Any]]:
-    """The row groups of one split, checked against dataset.json's count."""
-    with storage_errors(uri):
-        paths = shard_paths(fs, root, split, info=info)
-    units, rows = [], 0
-    for path in paths:
-        metadata = read_shard(fs, path, lambda parquet: parquet.metadata)
-        _check_columns(display_path(fs, path), metadata)
-        first = 0
-        for group in range(metadata.num_row_groups):
-            units.append({"path": path, "row_group": group, "first_row": first})
-            first += metadata.row_group(group).num_rows
-        rows += first
-    if rows != info.splits[split]:
-        raise UserError(
-            f"{uri}: split {split!r} has {rows} rows in its shards, dataset.json says "
-            f"{info.splits[split]}; ingest it again"
-        )
-    return units
-
-
-def _check_columns(name: str, metadata: pq.FileMetaData) -> None:
-    missing = [column for column in COLUMNS if column not in metadata.schema.names]
-    if missing:
-        raise DataError(f"{name}: not a segsearch shard (no column {', '.join(missing)})")
 
 
 def _max_tasks(units: int) -> int | None:
