@@ -207,11 +207,19 @@ class _Destination:
         return cls(uri, fs, root, tuple(shards))
 
     def remove_old_shards(self) -> None:
-        """After the switch: delete the replaced shards, and split folders left empty."""
-        with storage_errors(self.uri):
-            for path in self.old_shards:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.delete_file(path)
+        """After the switch: delete the replaced shards, and split folders left empty. Readers
+        no longer see them, and a later --overwrite removes any left, so a failure here says
+        the new dataset is in place."""
+        try:
+            with storage_errors(self.uri):
+                for path in self.old_shards:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.delete_file(path)
+        except UserError as err:
+            raise UserError(
+                f"the new dataset at {self.uri} is complete, but removing the old shards failed "
+                f"({err}); they are unused and the next --overwrite removes them"
+            ) from None
         for folder in sorted({path.rsplit("/", 1)[0] for path in self.old_shards}):
             _remove_empty_dir(self.fs, folder)
 
