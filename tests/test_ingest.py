@@ -102,6 +102,15 @@ def listed_files(dest: str) -> set[str]:
     return {"dataset.json", *shards}
 
 
+def to_v1(dest: Path) -> None:
+    """Make a local dataset look as ingest wrote it before dataset.json listed the shards."""
+    info = json.loads((dest / "dataset.json").read_text())
+    for split, paths in info.pop("shards").items():
+        for number, path in enumerate(paths):
+            (dest / path).rename(dest / split / f"part-{number:05d}.parquet")
+    (dest / "dataset.json").write_text(json.dumps({**info, "format": "segsearch/v1"}))
+
+
 def break_last_pair(images: Path, masks: Path, fault: str) -> str:
     """Spoil the pair ingest reads last ("9" in stem order of 0..29); returns the culprit."""
     if fault == "truncated image":
@@ -252,6 +261,17 @@ def test_overwrite_failing_late_keeps_the_old_dataset_whole(
         ingest(images, masks, dest, classes=CLASSES, shard_size_mb=0.002, overwrite=True)
     assert dataset_content(dest) == before
     assert stored_files(dest) == files
+
+
+def test_overwriting_a_v1_dataset_removes_its_shards(tmp_path) -> None:
+    dest = tmp_path / "ds"
+    ingest(*make_pairs(tmp_path / "old", n=6), str(dest), classes=CLASSES)
+    to_v1(dest)
+    old = dataset_content(str(dest))
+    assert old[0].shards is None and sum(len(rows) for rows in old[1].values()) == 6
+    ingest(*make_pairs(tmp_path / "new", n=4, seed=1), str(dest), classes=CLASSES, overwrite=True)
+    assert stored_files(str(dest)) == listed_files(str(dest))
+    assert sum(len(rows) for rows in dataset_content(str(dest))[1].values()) == 4
 
 
 def test_s3_overwrite_removes_the_old_shards(tmp_path, s3_bucket) -> None:

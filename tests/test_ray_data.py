@@ -19,7 +19,7 @@ from segsearch.data.ray_data import TorchCollate, load_splits, read_row_groups
 from segsearch.data.shards import check_dataset
 from segsearch.data.storage import filesystem_for
 from segsearch.errors import DataError, UserError
-from tests.test_ingest import make_pairs
+from tests.test_ingest import make_pairs, to_v1
 
 CLASSES = ["background", "cell", "border"]
 
@@ -205,12 +205,7 @@ def test_an_undecodable_row_fails_the_ray_dataset_with_the_same_line(tmp_path, r
 def test_a_v1_dataset_still_loads(tmp_path, ray_cluster) -> None:
     """A dataset written before dataset.json listed its shards: part-NNNNN.parquet, format v1."""
     dest, _ = small_dataset(tmp_path, n=8)
-    info = json.loads((tmp_path / "ds" / "dataset.json").read_text())
-    for split, paths in info.pop("shards").items():
-        for number, path in enumerate(paths):
-            (tmp_path / "ds" / path).rename(tmp_path / "ds" / split / f"part-{number:05d}.parquet")
-    info["format"] = "segsearch/v1"
-    (tmp_path / "ds" / "dataset.json").write_text(json.dumps(info))
+    to_v1(tmp_path / "ds")
     datasets = load_splits(dest, image_size=None)
     assert sorted(collect(datasets["train"]) | collect(datasets["val"])) == sorted(
         str(i) for i in range(8)
