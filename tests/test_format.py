@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from segsearch.data.format import FORMAT, DatasetInfo, read_dataset_info
+from segsearch.data.format import FORMAT, FORMAT_V1, DatasetInfo, read_dataset_info, shard_paths
 from segsearch.data.images import decode_image, encode_png, read_image_file, read_mask_file
 from segsearch.data.storage import filesystem_for
 from segsearch.errors import UserError
@@ -24,7 +24,12 @@ GOOD = {
     "class_pixel_counts": [100, 28],
     "mean": [0.5, 0.4, 0.3],
     "std": [0.2, 0.2, 0.1],
+    "shards": {
+        "train": ["train/part-0123456789ab-00000.parquet", "train/part-0123456789ab-00001.parquet"],
+        "val": ["val/part-0123456789ab-00000.parquet"],
+    },
 }
+V1 = {k: v for k, v in GOOD.items() if k != "shards"} | {"format": FORMAT_V1}
 
 
 def test_info_round_trips_through_json() -> None:
@@ -53,6 +58,12 @@ def test_info_round_trips_through_json() -> None:
         ("mean", [0.5, 0.5, 1.5]),
         ("std", [0.1, 0.1, None]),
         ("std", [0.1, 0.1, float("nan")]),
+        ("shards", None),
+        ("shards", {"train": ["train/part-0123456789ab-00000.parquet"]}),
+        ("shards", {"train": [], "val": ["val/part-0123456789ab-00000.parquet"]}),
+        ("shards", {"train": ["../part-00000.parquet"], "val": ["val/part-00000.parquet"]}),
+        ("shards", {"train": ["val/part-00000.parquet"], "val": ["val/part-00000.parquet"]}),
+        ("shards", {"train": ["train/x.parquet"], "val": ["val/part-00000.parquet"]}),
     ],
 )
 def test_each_bad_field_is_named(field: str, value: object) -> None:
@@ -79,6 +90,30 @@ def test_read_dataset_info_missing_and_malformed(tmp_path) -> None:
         read_dataset_info(str(tmp_path))
     (tmp_path / "dataset.json").write_text(json.dumps(GOOD))
     assert read_dataset_info(str(tmp_path)).classes == ("background", "cell")
+
+
+def test_v1_dataset_has_no_shard_list_and_its_shards_are_listed(tmp_path) -> None:
+    """Datasets written before dataset.json listed shards still load: their part-NNNNN files."""
+    (tmp_path / "dataset.json").write_text(json.dumps(V1))
+    (tmp_path / "train").mkdir()
+    for name in ["part-00001.parquet", "part-00000.parquet", "part-0123456789ab-00000.parquet"]:
+        (tmp_path / "train" / name).write_bytes(b"")
+    info = read_dataset_info(str(tmp_path))
+    assert info.shards is None and info.format == FORMAT_V1
+    assert DatasetInfo.from_json(info.to_json()) == info
+    fs, root = filesystem_for(str(tmp_path))
+    found = [path.rsplit("/", 1)[1] for path in shard_paths(fs, root, "train")]
+    assert found == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_v2_shards_come_from_dataset_json_not_the_folder(tmp_path) -> None:
+    (tmp_path / "dataset.json").write_text(json.dumps(GOOD))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "part-00000.parquet").write_bytes(b"")  # an old dataset's shard
+    fs, root = filesystem_for(str(tmp_path))
+    assert shard_paths(fs, root, "train") == [f"{root}/{p}" for p in GOOD["shards"]["train"]]
+    info = read_dataset_info(str(tmp_path))
+    assert shard_paths(fs, root, "val", info=info) == [f"{root}/{GOOD['shards']['val'][0]}"]
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

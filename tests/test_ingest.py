@@ -12,14 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from segsearch.cli import main
+from segsearch.data.format import read_dataset_info, shard_paths
 from segsearch.data.images import decode_image, decode_mask
 from segsearch.data.ingest import ingest, write_dataset
+from segsearch.data.storage import filesystem_for
 from segsearch.errors import UserError
 
 CLASSES = "background,cell,border"
@@ -69,6 +72,53 @@ def assert_refused(code: int, stderr: str, *names: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for name in names:
         assert name in lines[0], (name, stderr)
+
+
+def dataset_content(dest: str) -> tuple[object, dict[str, dict[str, dict]]]:
+    """dataset.json and every row of every split, found the way training finds the shards."""
+    fs, root = filesystem_for(dest)
+    info = read_dataset_info(dest)
+    rows: dict[str, dict[str, dict]] = {}
+    for split in info.splits:
+        for path in shard_paths(fs, root, split):
+            with fs.open_input_file(path) as source:
+                for row in pq.read_table(source).to_pylist():
+                    rows.setdefault(split, {})[row["id"]] = row
+    return info, rows
+
+
+def stored_files(dest: str) -> set[str]:
+    """Every file under a local folder or S3 prefix, relative to it."""
+    fs, root = filesystem_for(dest)
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {f.path[len(root) + 1 :] for f in found if f.type == pafs.FileType.File}
+
+
+def listed_files(dest: str) -> set[str]:
+    """dataset.json and the shards it names, relative to the dataset's root."""
+    fs, root = filesystem_for(dest)
+    info = read_dataset_info(dest)
+    shards = {p[len(root) + 1 :] for split in info.splits for p in shard_paths(fs, root, split)}
+    return {"dataset.json", *shards}
+
+
+def to_v1(dest: Path) -> None:
+    """Make a local dataset look as ingest wrote it before dataset.json listed the shards."""
+    info = json.loads((dest / "dataset.json").read_text())
+    for split, paths in info.pop("shards").items():
+        for number, path in enumerate(paths):
+            (dest / path).rename(dest / split / f"part-{number:05d}.parquet")
+    (dest / "dataset.json").write_text(json.dumps({**info, "format": "segsearch/v1"}))
+
+
+def break_last_pair(images: Path, masks: Path, fault: str) -> str:
+    """Spoil the pair ingest reads last ("9" in stem order of 0..29); returns the culprit."""
+    if fault == "truncated image":
+        data = (images / "9.png").read_bytes()
+        (images / "9.png").write_bytes(data[: len(data) // 2])
+        return r"9\.png: unreadable image"
+    Image.fromarray(np.full((32, 32), 7, dtype=np.uint8)).save(masks / "9.png")
+    return r"9\.png: class id\(s\) 7"
 
 
 def no_dataset_left(dest: Path) -> bool:
@@ -189,8 +239,50 @@ def test_shards_roll_at_the_size_limit_and_overwrite_leaves_none_behind(tmp_path
     assert all(p.stat().st_size < 0.03 * 2**20 + 20_000 for p in shards)
     assert len(read_rows(dest, "train")) == 16
     ingest(images, masks, str(dest), classes=CLASSES, overwrite=True)
-    assert [p.name for p in dest.glob("train/*")] == ["part-00000.parquet"]
+    assert len(list(dest.glob("train/*"))) == 1
+    assert stored_files(str(dest)) == listed_files(str(dest))
     assert len(read_rows(dest, "train")) == 16
+
+
+@pytest.mark.parametrize("fault", ["truncated image", "bad label"])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_overwrite_failing_late_keeps_the_old_dataset_whole(
+    tmp_path, request, where, fault
+) -> None:
+    """Rows of the new dataset are written (a row group per image) before the last pair fails:
+    the old dataset must still read back unchanged, and nothing new may be left."""
+    bucket = request.getfixturevalue("s3_bucket") if where == "s3" else None
+    dest = f"s3://{bucket}/ds" if bucket else str(tmp_path / "ds")
+    ingest(*make_pairs(tmp_path / "old", n=4), dest, classes=CLASSES)
+    before, files = dataset_content(dest), stored_files(dest)
+    images, masks = make_pairs(tmp_path / "new", n=30, size=(32, 32), seed=1)
+    culprit = break_last_pair(images, masks, fault)
+    with pytest.raises(UserError, match=culprit):
+        ingest(images, masks, dest, classes=CLASSES, shard_size_mb=0.002, overwrite=True)
+    assert dataset_content(dest) == before
+    assert stored_files(dest) == files
+
+
+def test_overwriting_a_v1_dataset_removes_its_shards(tmp_path) -> None:
+    dest = tmp_path / "ds"
+    ingest(*make_pairs(tmp_path / "old", n=6), str(dest), classes=CLASSES)
+    to_v1(dest)
+    old = dataset_content(str(dest))
+    assert old[0].shards is None and sum(len(rows) for rows in old[1].values()) == 6
+    ingest(*make_pairs(tmp_path / "new", n=4, seed=1), str(dest), classes=CLASSES, overwrite=True)
+    assert stored_files(str(dest)) == listed_files(str(dest))
+    assert sum(len(rows) for rows in dataset_content(str(dest))[1].values()) == 4
+
+
+def test_s3_overwrite_removes_the_old_shards(tmp_path, s3_bucket) -> None:
+    dest = f"s3://{s3_bucket}/ds"
+    ingest(*make_pairs(tmp_path / "old", n=20, size=(32, 32)), dest, classes=CLASSES,
+           shard_size_mb=0.002)  # fmt: skip
+    images, masks = make_pairs(tmp_path / "new", n=5, seed=1)
+    ingest(images, masks, dest, classes=CLASSES, overwrite=True)
+    assert stored_files(dest) == listed_files(dest)
+    info, rows = dataset_content(dest)
+    assert sum(info.splits.values()) == sum(len(r) for r in rows.values()) == 5
 
 
 def test_write_dataset_from_arrays(tmp_path) -> None:

@@ -1,9 +1,14 @@
 """The dataset format: Parquet shards per split plus dataset.json, the contract with training.
 
 ```
-<root>/dataset.json                written last: without it a dataset is incomplete
-<root>/<split>/part-00000.parquet  id, image (PNG/JPEG), mask (PNG of class ids), height, width
+<root>/dataset.json                      written last: without it a dataset is incomplete
+<root>/<split>/part-<token>-00000.parquet  id, image (PNG/JPEG), mask (PNG of class ids),
+                                           height, width; <token> is unique to one ingest
 ```
+dataset.json (format segsearch/v2) lists each split's shards, so an ingest can write a new
+dataset beside the old one and switch by replacing dataset.json alone: a reader sees the old
+dataset or the new one, never a mix. Datasets of format segsearch/v1 list no shards; their
+shards are the `part-NNNNN.parquet` files of each split folder.
 """
 
 from __future__ import annotations
@@ -11,20 +16,25 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from segsearch.data.storage import filesystem_for, join, storage_errors
+from segsearch.data.storage import display_path, filesystem_for, join, storage_errors
 from segsearch.errors import UserError
 
-FORMAT = "segsearch/v1"
+FORMAT = "segsearch/v2"
+#: Written before shards were listed in dataset.json: read by listing the split folders.
+FORMAT_V1 = "segsearch/v1"
 INFO_FILE = "dataset.json"
 REQUIRED_SPLITS = ("train", "val")
-SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
+#: A shard of a v1 dataset.
+V1_SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
+#: A shard of any ingest, finished or not (v1 names and v2 names with an ingest token).
+SHARD_PATTERN = re.compile(r"^part-(?:[0-9a-f]{12}-)?\d{5}\.parquet$")
 
 SCHEMA = pa.schema(
     [
@@ -48,6 +58,8 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels: int
+    #: split → shard paths relative to the dataset's root; None for a v1 dataset.
+    shards: Mapping[str, tuple[str, ...]] | None = None
     format: str = field(default=FORMAT)
 
     @property
@@ -55,7 +67,7 @@ class DatasetInfo:
         return len(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": self.format,
             "classes": list(self.classes),
             "ignore_index": self.ignore_index,
@@ -65,6 +77,9 @@ class DatasetInfo:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.shards is not None:
+            data["shards"] = {split: list(paths) for split, paths in self.shards.items()}
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -86,22 +101,35 @@ class DatasetInfo:
 def read_dataset_info(uri: str) -> DatasetInfo:
     """Read and validate `<uri>/dataset.json`; the one place everything else gets metadata from."""
     fs, root = filesystem_for(uri)
-    source = f"{uri.rstrip('/')}/{INFO_FILE}"
+    return _read_info(fs, root, uri.rstrip("/"))
+
+
+def shard_paths(
+    fs: pafs.FileSystem, root: str, split: str, *, info: DatasetInfo | None = None
+) -> list[str]:
+    """The shard files of one split, in order (filesystem paths): those dataset.json lists, or
+    for a v1 dataset the split folder's part-NNNNN.parquet files. Pass the `info` already read,
+    so the shards belong to that dataset.json even while an ingest replaces it."""
+    if info is None:
+        info = _read_info(fs, root, display_path(fs, root))
+    if info.shards is not None:
+        return [join(root, path) for path in info.shards.get(split, ())]
+    selector = pafs.FileSelector(join(root, split), allow_not_found=True)
+    files = fs.get_file_info(selector)
+    return sorted(
+        f.path
+        for f in files
+        if f.type == pafs.FileType.File and V1_SHARD_PATTERN.match(f.base_name)
+    )
+
+
+def _read_info(fs: pafs.FileSystem, root: str, uri: str) -> DatasetInfo:
     try:
         with storage_errors(uri), fs.open_input_stream(join(root, INFO_FILE)) as stream:
             text = stream.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         raise UserError(f"no dataset at {uri} ({INFO_FILE} missing: incomplete ingest?)") from None
-    return DatasetInfo.from_json(text, source=source)
-
-
-def shard_paths(fs: pafs.FileSystem, root: str, split: str) -> list[str]:
-    """The shard files of one split, in order (filesystem paths)."""
-    selector = pafs.FileSelector(join(root, split), allow_not_found=True)
-    files = fs.get_file_info(selector)
-    return sorted(
-        f.path for f in files if f.type == pafs.FileType.File and SHARD_PATTERN.match(f.base_name)
-    )
+    return DatasetInfo.from_json(text, source=f"{uri}/{INFO_FILE}")
 
 
 def _parse(data: Any, source: str) -> DatasetInfo:
@@ -111,8 +139,10 @@ def _parse(data: Any, source: str) -> DatasetInfo:
 
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    if data.get("format") != FORMAT:
-        raise bad("format", f"must be {FORMAT!r} (the format this segsearch reads)")
+    if data.get("format") not in (FORMAT, FORMAT_V1):
+        raise bad(
+            "format", f"must be {FORMAT!r} or {FORMAT_V1!r} (the formats this segsearch reads)"
+        )
     classes = data.get("classes")
     if (
         not isinstance(classes, list)
@@ -155,7 +185,33 @@ def _parse(data: Any, source: str) -> DatasetInfo:
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         channels=channels,
+        shards=_parse_shards(data, splits, bad) if data["format"] == FORMAT else None,
+        format=data["format"],
     )
+
+
+def _parse_shards(
+    data: dict[str, Any], splits: dict[str, int], bad: Callable[[str, str], UserError]
+) -> dict[str, tuple[str, ...]]:
+    """v2's shard lists: relative paths inside the split's folder, one list per split."""
+    shards = data.get("shards")
+    if not isinstance(shards, dict) or set(shards) != set(splits):
+        raise bad("shards", "must map every split to the list of its shard files")
+    for split, paths in shards.items():
+        if (
+            not isinstance(paths, list)
+            or (splits[split] > 0) != bool(paths)
+            or not all(_is_shard_path(path, split) for path in paths)
+        ):
+            raise bad("shards", f"must list {split!r}'s shards as '{split}/part-....parquet'")
+    return {split: tuple(paths) for split, paths in shards.items()}
+
+
+def _is_shard_path(path: Any, split: str) -> bool:
+    if not isinstance(path, str):
+        return False
+    folder, _, name = path.partition("/")
+    return folder == split and SHARD_PATTERN.match(name) is not None
 
 
 def _is_int(value: Any) -> bool:

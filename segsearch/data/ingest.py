@@ -3,6 +3,11 @@
 Statistics (per-class pixel counts, per-channel mean/std of the train split) are computed in the
 same pass that writes the shards, and dataset.json is written last: a dataset without it is
 visibly incomplete. Any failure removes the shards written so far.
+
+Overwriting never loses the old dataset: the new shards get names of their own (an ingest token),
+the old dataset.json keeps naming the old shards until the new ones are complete, then one write
+of dataset.json switches readers to the new dataset (a rename locally, one PUT on S3), and only
+then are the old shards deleted.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,12 +175,16 @@ class _Row:
 
 @dataclass(frozen=True)
 class _Destination:
-    """A checked place to write: reachable, and not holding a dataset unless overwriting."""
+    """A checked place to write: reachable, and not holding a dataset unless overwriting.
+
+    `old_shards` are the shard files there before this ingest (of the old dataset or of an
+    incomplete ingest): deleted once the new dataset.json is in place, never before.
+    """
 
     uri: str
     fs: pafs.FileSystem
     root: str
-    old_files: tuple[str, ...]
+    old_shards: tuple[str, ...]
 
     @classmethod
     def check(cls, uri: str, *, overwrite: bool) -> _Destination:
@@ -194,14 +204,24 @@ class _Destination:
                 f"{uri} holds shards of an incomplete ingest (no {INFO_FILE}); "
                 "pass --overwrite to replace them"
             )
-        old = ([info_file.path] if has_info else []) + shards
-        return cls(uri, fs, root, tuple(old))
+        return cls(uri, fs, root, tuple(shards))
 
-    def clear(self) -> None:
-        """Remove the old dataset: dataset.json first, so it never looks complete meanwhile."""
-        with storage_errors(self.uri):
-            for path in self.old_files:
-                self.fs.delete_file(path)
+    def remove_old_shards(self) -> None:
+        """After the switch: delete the replaced shards, and split folders left empty. Readers
+        no longer see them, and a later --overwrite removes any left, so a failure here says
+        the new dataset is in place."""
+        try:
+            with storage_errors(self.uri):
+                for path in self.old_shards:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.delete_file(path)
+        except UserError as err:
+            raise UserError(
+                f"the new dataset at {self.uri} is complete, but removing the old shards failed "
+                f"({err}); they are unused and the next --overwrite removes them"
+            ) from None
+        for folder in sorted({path.rsplit("/", 1)[0] for path in self.old_shards}):
+            _remove_empty_dir(self.fs, folder)
 
 
 def _existing_shards(fs: pafs.FileSystem, root: str) -> list[str]:
@@ -221,6 +241,7 @@ def _write(
     destination: _Destination, rows: Iterable[_Row], options: _Options, *, channels: int | None
 ) -> DatasetInfo:
     writers: dict[str, _SplitWriter] = {}
+    token = uuid.uuid4().hex[:12]
     stats = _Stats(options.num_classes, options.ignore_index)
     seen: dict[str, set[str]] = {}
     local = isinstance(destination.fs, pafs.LocalFileSystem)
@@ -228,14 +249,15 @@ def _write(
         root_type = destination.fs.get_file_info(destination.root).type
     created_root = root_type == pafs.FileType.NotFound
     try:
-        destination.clear()
         for row in rows:
             channels = _check_row(row, options, channels, seen.setdefault(row.split, set()))
             if row.split not in writers:
                 directory = join(destination.root, row.split)
                 if local:
                     destination.fs.create_dir(directory)
-                writers[row.split] = _SplitWriter(destination.fs, directory, options.shard_bytes)
+                writers[row.split] = _SplitWriter(
+                    destination.fs, directory, options.shard_bytes, token
+                )
             stats.add(row)
             image_bytes = row.image_bytes if row.image_bytes is not None else encode_png(row.image)
             writers[row.split].add(row, image_bytes, encode_png(row.mask))
@@ -245,9 +267,11 @@ def _write(
         missing = [s for s in REQUIRED_SPLITS if not counts.get(s)]
         if missing:
             raise UserError(f"no samples for the {' and '.join(missing)} split; both are required")
-        info = stats.info(options.classes, counts, channels or 1)
-        _write_text(destination.fs, join(destination.root, INFO_FILE), info.to_json())
-        return info
+        shards = {
+            split: writer.relative_paths(destination.root) for split, writer in writers.items()
+        }
+        info = stats.info(options.classes, counts, channels or 1, shards)
+        _write_text(destination.fs, join(destination.root, INFO_FILE), info.to_json(), token)
     except BaseException as err:
         if hasattr(rows, "close"):
             rows.close()  # stop reading files (and the reader threads) now
@@ -255,6 +279,8 @@ def _write(
         if isinstance(err, OSError):
             raise storage_error(destination.uri, err) from None
         raise
+    destination.remove_old_shards()
+    return info
 
 
 def _check_row(row: _Row, options: _Options, channels: int | None, ids: set[str]) -> int:
@@ -304,7 +330,13 @@ class _Stats:
         for c in range(channels):
             self.histograms[c] += np.bincount(row.image[:, :, c].ravel(), minlength=256)
 
-    def info(self, classes: tuple[str, ...], splits: dict[str, int], channels: int) -> DatasetInfo:
+    def info(
+        self,
+        classes: tuple[str, ...],
+        splits: dict[str, int],
+        channels: int,
+        shards: dict[str, tuple[str, ...]],
+    ) -> DatasetInfo:
         levels = np.arange(256, dtype=np.float64) / 255
         hist = self.histograms.astype(np.float64)
         total = hist.sum(axis=1)
@@ -318,14 +350,19 @@ class _Stats:
             mean=tuple(round(float(m), 6) for m in mean),
             std=tuple(round(float(s), 6) for s in np.sqrt(var)),
             channels=channels,
+            shards=dict(sorted(shards.items())),
         )
 
 
 class _SplitWriter:
-    """Parquet shards of one split: small row groups to stream, a new file at the size limit."""
+    """Parquet shards of one split: small row groups to stream, a new file at the size limit.
 
-    def __init__(self, fs: pafs.FileSystem, directory: str, shard_bytes: int) -> None:
+    File names carry the ingest's `token`, so they never collide with a dataset being replaced.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, directory: str, shard_bytes: int, token: str) -> None:
         self.fs, self.directory, self.shard_bytes = fs, directory, shard_bytes
+        self.token = token
         self.paths: list[str] = []
         self.buffer: list[tuple[str, bytes, bytes, int, int]] = []
         self.buffered = 0
@@ -340,6 +377,10 @@ class _SplitWriter:
             ROW_GROUP_BYTES, self.shard_bytes
         ):
             self._flush()
+
+    def relative_paths(self, root: str) -> tuple[str, ...]:
+        """The shards written, relative to the dataset's root (as dataset.json lists them)."""
+        return tuple(path[len(root) + 1 :] for path in self.paths)
 
     def close(self) -> None:
         self._flush()
@@ -361,7 +402,7 @@ class _SplitWriter:
             self.writer.close()
             self.writer = None
         if self.writer is None:
-            path = join(self.directory, f"part-{len(self.paths):05d}.parquet")
+            path = join(self.directory, f"part-{self.token}-{len(self.paths):05d}.parquet")
             self.paths.append(path)
             self.writer = pq.ParquetWriter(
                 path,
@@ -379,17 +420,24 @@ class _SplitWriter:
         self.buffer, self.buffered = [], 0
 
 
-def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
-    """Write a small file in one go (a temporary name and a rename where the store has one)."""
+def _write_text(fs: pafs.FileSystem, path: str, text: str, token: str) -> None:
+    """Replace a small file at once: a temporary file renamed over it locally (os.replace), a
+    single PUT on S3 (an object is replaced whole)."""
     data = text.encode("utf-8")
-    if isinstance(fs, pafs.LocalFileSystem):
-        temporary = path + ".tmp"
-        with fs.open_output_stream(temporary) as stream:
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as stream:
             stream.write(data)
-        fs.move(temporary, path)
         return
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    temporary = f"{path}.{token}.tmp"
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
 
 
 def _remove_partial(

@@ -10,23 +10,27 @@ That is also why the shards are not read with `ray.data.read_parquet`: in Ray 2.
 a file-listing task that holds one whole CPU, not configurable, and with less than one CPU free
 (Train workers holding the rest) that task never starts and the trial hangs. Instead the driver
 lists the Parquet row groups (one footer read per shard) and Ray Data maps over them.
+
+Damage: a shard whose footer does not parse, or that is missing, fails `load_splits` on the
+driver (see shards.py); a row whose image or mask does not decode fails the Ray Data task that
+decodes it. Both raise `DataError`, one line naming the shard file (and the row and its id).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from segsearch.data.format import read_dataset_info, shard_paths
+from segsearch.data.format import read_dataset_info
 from segsearch.data.images import decode_image, decode_mask
-from segsearch.data.storage import filesystem_for, storage_errors
-from segsearch.errors import UserError
+from segsearch.data.shards import COLUMNS, dataset_units, error_reason, read_shard
+from segsearch.data.storage import display_path, filesystem_for
+from segsearch.errors import DataError, UserError
 
 if TYPE_CHECKING:
     import ray.data
@@ -35,7 +39,6 @@ if TYPE_CHECKING:
 DATA_CPUS = 0.25
 #: Rows per decoded block: small blocks stream to the trainer without piling up in memory.
 DECODE_BATCH = 16
-COLUMNS = ["id", "image", "mask"]
 
 
 def load_splits(
@@ -46,29 +49,21 @@ def load_splits(
     fails here, before any trial starts."""
     import ray.data
 
-    info = read_dataset_info(uri)
     size = _check_size(image_size)
+    info = read_dataset_info(uri)
     fs, root = filesystem_for(uri)
-    datasets = {}
-    for split, count in info.splits.items():
-        if count == 0:
-            continue
-        with storage_errors(uri):
-            units, rows = _row_groups(fs, shard_paths(fs, root, split))
-        if rows != count:
-            raise UserError(
-                f"{uri}: split {split!r} has {rows} rows in its shards, dataset.json says "
-                f"{count}; ingest it again"
-            )
-        datasets[split] = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+    units = dataset_units(uri, fs, root, info)
+    return {
+        split: ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_row_groups,
             fn_kwargs={"filesystem": fs, "channels": info.channels, "size": size},
             batch_size=1,
             batch_format="numpy",
             num_cpus=DATA_CPUS,
-            concurrency=_max_tasks(len(units)),
+            concurrency=_max_tasks(len(items)),
         )
-    return datasets
+        for split, items in units.items()
+    }
 
 
 def read_row_groups(
@@ -78,23 +73,44 @@ def read_row_groups(
     channels: int,
     size: tuple[int, int] | None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read Parquet row groups and yield them decoded, DECODE_BATCH rows at a time."""
-    for path, group in zip(units["path"], units["row_group"], strict=True):
-        with filesystem.open_input_file(str(path)) as source:
-            table = pq.ParquetFile(source).read_row_group(int(group), columns=COLUMNS)
+    """Read Parquet row groups and yield them decoded, DECODE_BATCH rows at a time.
+
+    `units` holds each row group's shard `path`, `row_group` number and `first_row` (its first
+    row's index in the shard, for messages)."""
+    for path, group, first in zip(
+        units["path"], units["row_group"], units["first_row"], strict=True
+    ):
+        table = read_shard(
+            filesystem,
+            str(path),
+            lambda parquet, g=int(group): parquet.read_row_group(g, columns=COLUMNS),
+        )
+        shard = display_path(filesystem, str(path))
         for start in range(0, table.num_rows, DECODE_BATCH):
             chunk = table.slice(start, DECODE_BATCH)
             batch = {name: chunk.column(name).to_pylist() for name in COLUMNS}
-            yield decode_batch(batch, channels=channels, size=size)
+            yield decode_batch(
+                batch, channels=channels, size=size, shard=shard, first_row=int(first) + start
+            )
 
 
 def decode_batch(
-    batch: Mapping[str, Sequence[Any]], *, channels: int, size: tuple[int, int] | None
+    batch: Mapping[str, Sequence[Any]],
+    *,
+    channels: int,
+    size: tuple[int, int] | None,
+    shard: str = "batch",
+    first_row: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Encoded rows → uint8 arrays, resized to `size` (H, W) when given."""
+    """Encoded rows → uint8 arrays, resized to `size` (H, W) when given.
+
+    A row that does not decode raises DataError naming `shard`, its row (counted from
+    `first_row`) and its id."""
     images, masks = [], []
-    for image_bytes, mask_bytes in zip(batch["image"], batch["mask"], strict=True):
-        image, mask = decode_image(image_bytes), decode_mask(mask_bytes)
+    rows = zip(batch["id"], batch["image"], batch["mask"], strict=True)
+    for offset, (sample_id, image_bytes, mask_bytes) in enumerate(rows):
+        where = f"{shard}: row {first_row + offset} (id {str(sample_id)!r})"
+        image, mask = _decode_row(where, image_bytes, mask_bytes)
         if image.shape[2] != channels:
             image = np.repeat(image, channels, axis=2)
         if size is not None and image.shape[:2] != size:
@@ -120,6 +136,26 @@ class TorchCollate(NumpyBatchCollateFn):
         }
 
 
+def _decode_row(where: str, image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+    image = _decoded(decode_image, image_bytes, f"{where}: image")
+    mask = _decoded(decode_mask, mask_bytes, f"{where}: mask")
+    if mask.ndim != 2:
+        raise DataError(f"{where}: mask is not a one-channel PNG of class ids; ingest again")
+    if mask.shape != image.shape[:2]:
+        raise DataError(
+            f"{where}: mask {mask.shape[1]}×{mask.shape[0]} differs from image "
+            f"{image.shape[1]}×{image.shape[0]}; ingest the dataset again"
+        )
+    return image, mask
+
+
+def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, what: str) -> np.ndarray:
+    try:
+        return decode(data)
+    except (UserError, OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad bytes
+        raise DataError(f"{what} does not decode ({error_reason(err)}); ingest again") from None
+
+
 def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     picture = Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
     resized = np.asarray(picture.resize((size[1], size[0]), resample=resample))
@@ -133,17 +169,6 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     ragged = np.empty(len(arrays), dtype=object)
     ragged[:] = arrays
     return ragged
-
-
-def _row_groups(fs: pafs.FileSystem, paths: list[str]) -> tuple[list[dict[str, Any]], int]:
-    units, rows = [], 0
-    for path in paths:
-        with fs.open_input_file(path) as source:
-            metadata = pq.ParquetFile(source).metadata
-        for group in range(metadata.num_row_groups):
-            units.append({"path": path, "row_group": group})
-            rows += metadata.row_group(group).num_rows
-    return units, rows
 
 
 def _max_tasks(units: int) -> int | None:

@@ -29,6 +29,9 @@ _DENIED = (
     "ExpiredToken",
 )
 _NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket")
+_NO_KEY = ("NO_SUCH_KEY", "NoSuchKey")
+#: What pyarrow's S3 errors say; an OSError without it (and without an errno) is about the bytes.
+_S3_ERROR = "AWS Error"
 
 
 def is_s3(uri: str) -> bool:
@@ -51,6 +54,11 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 def join(path: str, *parts: str) -> str:
     """Join filesystem paths with '/', the separator pyarrow uses for every filesystem."""
     return posixpath.join(path, *parts)
+
+
+def display_path(fs: pafs.FileSystem, path: str) -> str:
+    """A filesystem path as the user writes it: s3://bucket/key on S3, the path itself locally."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def endpoint() -> str:
@@ -90,6 +98,22 @@ def storage_error(uri: str, err: OSError) -> UserError:
     if any(marker in text for marker in _NO_BUCKET):
         return UserError(f"bucket {bucket!r} does not exist at {where}")
     return UserError(f"{where}: {text.splitlines()[0] if text else type(err).__name__}")
+
+
+def is_unreachable(err: OSError) -> bool:
+    """The store did not answer (down, restarting, network): worth trying again shortly."""
+    return any(marker in str(err) for marker in _CONNECT)
+
+
+def is_missing(err: OSError) -> bool:
+    """The file or object is not there (a local FileNotFoundError or S3's NoSuchKey)."""
+    return isinstance(err, FileNotFoundError) or any(marker in str(err) for marker in _NO_KEY)
+
+
+def is_store_failure(err: OSError) -> bool:
+    """The store failed (an OS error or an S3 error), rather than the file's bytes being bad:
+    pyarrow raises OSError for both, e.g. "Couldn't deserialize thrift" for damaged Parquet."""
+    return err.errno is not None or _S3_ERROR in str(err) or is_unreachable(err)
 
 
 def check_bucket(uri: str, fs: pafs.FileSystem) -> None:
