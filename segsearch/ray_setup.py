@@ -35,8 +35,6 @@ SETTINGS_ENV = (
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_S3_ENDPOINT_URL",
 )
-
-
 #: AWS credentials Ray Tune copies from the driver into every trainable actor's runtime_env
 #: (ray.tune.execution.class_cache), and so into runtime_env_agent.log.
 _TUNE_PROPAGATED_SECRETS = frozenset({*SECRET_ENV, "AWS_SECURITY_TOKEN"})

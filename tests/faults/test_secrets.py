@@ -133,6 +133,25 @@ def test_a_local_search_writes_no_credential_anywhere(markers, ray_tmpdir, tiny_
     assert not leaks, "\n".join(leaks)
 
 
+def test_local_ray_workers_inherit_credentials_that_no_runtime_env_carries(markers, ray_tmpdir):
+    """What lets a local search forward nothing: Ray's processes inherit the driver's variables."""
+    script = (
+        "import os, ray\n"
+        "from segsearch.ray_setup import init_ray\n"
+        "init_ray()\n"
+        "seen = ray.get(ray.remote(lambda: os.environ.get('AWS_SECRET_ACCESS_KEY')).remote())\n"
+        "print('worker sees', seen == os.environ['AWS_SECRET_ACCESS_KEY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(markers, RAY_TMPDIR=str(ray_tmpdir))
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "worker sees True" in out.stdout
+    assert not leaks_in_files(ray_tmpdir, markers)
+
+
 def test_a_submitted_job_shows_no_credential(markers, ray_head_cluster, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
