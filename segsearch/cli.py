@@ -192,7 +192,22 @@ _address_option = click.option(
 @_address_option
 @click.option("--dataset", required=True, help="Dataset URI the cluster can read (s3://...).")
 @click.option("--name", help="Search name (default: the space's name); the MLflow experiment too.")
-@click.option("--tracking-uri", help="MLflow tracking URI as the cluster sees it.")
+@click.option(
+    "--tracking-uri",
+    help="MLflow tracking server as the cluster sees it, http(s)://MLFLOW:5000.",
+)
+@click.option("--storage", help="Where checkpoints and Tune's state go: s3://BUCKET/PREFIX.")
+@click.option(
+    "--shared-storage",
+    metavar="PATH",
+    help="Instead of --storage: an absolute path that every node of the cluster mounts.",
+)
+@click.option(
+    "--cluster-defaults",
+    is_flag=True,
+    help="Take storage and tracking not given here from the cluster's SEGSEARCH_STORAGE and "
+    "MLFLOW_TRACKING_URI (checked on the head before the search starts).",
+)
 @click.option(
     "--env",
     "env_pairs",
@@ -204,7 +219,14 @@ _address_option = click.option(
     "--forward-env/--no-forward-env",
     default=True,
     show_default=True,
-    help="Pass local AWS_* credentials and MLFLOW_TRACKING_* settings on to the job.",
+    help="Pass local settings (AWS_REGION, AWS_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, ...) on to "
+    "the job; never credentials.",
+)
+@click.option(
+    "--forward-secrets",
+    is_flag=True,
+    help="Also pass local AWS_* and MLFLOW_TRACKING_* credentials, in plain text in the job's "
+    "info and Ray's logs; prefer the cluster's own credentials (cluster/README.md).",
 )
 @click.option("--wait", is_flag=True, help="Follow the logs to the end; exit 1 if the job failed.")
 def submit(
@@ -214,17 +236,23 @@ def submit(
     dataset: str,
     name: str | None,
     tracking_uri: str | None,
+    storage: str | None,
+    shared_storage: str | None,
+    cluster_defaults: bool,
     env_pairs: tuple[str, ...],
     forward_env: bool,
+    forward_secrets: bool,
     wait: bool,
 ) -> None:
     """Run `segsearch search SPACE_FILE` on a Ray cluster as a Ray Job.
 
-    Arguments after `--` go to `segsearch search` on the cluster, for example
-    `-- --trials 16 --storage s3://bucket/runs`.
+    Results must outlive the job: give --storage s3://... (or --shared-storage PATH) and
+    --tracking-uri http(s)://..., or --cluster-defaults. Arguments after `--` go to
+    `segsearch search` on the cluster, for example `-- --trials 16`.
     """
     from segsearch import jobs
 
+    env = jobs.job_env(env_pairs, forward=forward_env, forward_secrets=forward_secrets)
     try:
         jobs.submit(
             space_file,
@@ -232,10 +260,14 @@ def submit(
             dataset=dataset,
             name=name,
             tracking_uri=tracking_uri,
-            env=jobs.job_env(env_pairs, forward=forward_env),
+            storage=storage,
+            shared_storage=shared_storage,
+            cluster_defaults=cluster_defaults,
+            env=env,
             wait=wait,
             extra_args=search_args,
             echo=click.echo,
+            warn=lambda line: click.echo(line, err=True),
         )
     except jobs.JobFailed as err:
         click.echo(f"error: {err}", err=True)

@@ -5,7 +5,14 @@ What travels with a job (the `runtime_env`):
 - the segsearch package, through `py_modules`, whether it was imported from a source checkout
   or from a wheel install (see `code_runtime_env`);
 - the search-space file, as the job's `working_dir` (a staging folder holding that file alone);
-- credentials, as `env_vars` only: they never enter a file, the entrypoint or the printed output.
+- settings (region, endpoints) as `env_vars`; credentials only on request (`forward_secrets`,
+  `--env`), since Ray shows a job's env_vars in its info on the dashboard and writes them to
+  runtime_env_agent.log on the nodes. The cluster's own identity (instance roles, Kubernetes
+  Secrets and service accounts) is the default way to credentials: cluster/README.md.
+
+Checkpoints and the MLflow store must outlive the job: a relative `--storage` or a sqlite:///
+tracking URI would land in the job's temporary working directory on the head and vanish with it,
+so `submit` wants shared storage and a tracking server, named here or by the cluster.
 """
 
 from __future__ import annotations
@@ -19,13 +26,13 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import segsearch
 from segsearch.errors import UserError
-from segsearch.ray_setup import FORWARDED_ENV
+from segsearch.ray_setup import SECRET_ENV, SETTINGS_ENV
 
 #: Never shipped with the package.
 CODE_EXCLUDES = ["__pycache__", "*.pyc", "*.pyo"]
@@ -39,6 +46,10 @@ QUIET_LOGGERS = (
 )
 #: Where Ray reads a token from when RAY_AUTH_MODE=token, highest precedence first.
 TOKEN_SOURCES = "RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+#: What the cluster's environment provides under `--cluster-defaults`.
+STORAGE_ENV = "SEGSEARCH_STORAGE"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+ENV_OF = {"--storage": STORAGE_ENV, "--tracking-uri": TRACKING_ENV}
 
 Echo = Callable[[str], None]
 
@@ -54,15 +65,20 @@ def submit(
     dataset: str,
     name: str | None = None,
     tracking_uri: str | None = None,
+    storage: str | None = None,
+    shared_storage: str | None = None,
+    cluster_defaults: bool = False,
     env: Mapping[str, str] | None = None,
     wait: bool = False,
     extra_args: Sequence[str] = (),
     echo: Echo = print,
+    warn: Echo = print,
 ) -> str:
     """Submit `segsearch search SPACE` as a Ray Job on the cluster at `address`; return its id.
 
-    The space is validated here first, so a typo fails on the laptop, not on the cluster.
-    With `wait`, follow the job's logs to the end and raise JobFailed unless it succeeded.
+    The space and where results go (see `check_locations`) are validated here first, so a typo
+    fails on the laptop, not on the cluster. With `wait`, follow the job's logs to the end and
+    raise JobFailed unless it succeeded.
     """
     from segsearch.space import load_space
 
@@ -70,15 +86,29 @@ def submit(
     spec = load_space(space_path)
     name = name or spec.name
     _check_tracking_uri(tracking_uri)
+    storage = check_locations(
+        storage=storage,
+        shared_storage=shared_storage,
+        tracking_uri=tracking_uri,
+        cluster_defaults=cluster_defaults,
+        extra_args=extra_args,
+    )
     argv = ["search", space_path.name, "--dataset", dataset, "--name", name]
-    if tracking_uri:
-        argv += ["--tracking-uri", tracking_uri]
-    argv += list(extra_args)
+    locations = {"--tracking-uri": tracking_uri, "--storage": storage}
+    for option, value in locations.items():
+        argv += [option, value] if value else []
+    entrypoint = segsearch_entrypoint([*argv, *extra_args])
+    from_cluster = [ENV_OF[option] for option, value in locations.items() if not value]
+    if from_cluster:
+        entrypoint = f"{cluster_check_entrypoint(from_cluster)} && {entrypoint}"
     env = dict(env or {})
+    warning = exposure_warning(env, address)
+    if warning:
+        warn(warning)
     with _staged([space_path]) as working_dir:
         runtime_env = {**code_runtime_env(), "working_dir": str(working_dir), "env_vars": env}
         job_id = submit_entrypoint(
-            segsearch_entrypoint(argv),
+            entrypoint,
             address=address,
             runtime_env=runtime_env,
             metadata={"segsearch.search": name},
@@ -87,8 +117,10 @@ def submit(
     echo(f"job: {job_id}")
     echo(f"code: segsearch {segsearch.__version__} from {package_dir()} ({origin})")
     echo(f"dashboard: {dashboard_url(address, job_id)}")
-    where = tracking_uri or "the cluster's default tracking URI"
+    where = tracking_uri or f"the cluster's {TRACKING_ENV}"
+    default_storage = f"the cluster's {STORAGE_ENV}"
     echo(f"MLflow experiment: {name} ({where})")
+    echo(f"storage: {storage or default_storage}")
     if env:
         echo(f"job env: {', '.join(sorted(env))} (values not shown)")
     if "://" not in dataset:
@@ -146,17 +178,121 @@ def segsearch_entrypoint(argv: Sequence[str]) -> str:
 
 
 def job_env(
-    pairs: Iterable[str] = (), *, forward: bool = True, environ: Mapping[str, str] | None = None
+    pairs: Iterable[str] = (),
+    *,
+    forward: bool = True,
+    forward_secrets: bool = False,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The job's env_vars: FORWARDED_ENV taken from `environ` (when `forward`), then KEY=VALUE."""
+    """The job's env_vars: SETTINGS_ENV (when `forward`) and SECRET_ENV (when `forward_secrets`)
+    taken from `environ`, then KEY=VALUE pairs."""
     environ = os.environ if environ is None else environ
-    env = {k: environ[k] for k in FORWARDED_ENV if forward and environ.get(k)}
+    names = (SETTINGS_ENV if forward else ()) + (SECRET_ENV if forward_secrets else ())
+    env = {k: environ[k] for k in names if environ.get(k)}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key or not key.replace("_", "").isalnum() or key[0].isdigit():
             raise UserError(f"--env {key or pair!r}: expected KEY=VALUE with KEY a variable name")
         env[key] = value
     return env
+
+
+def exposure_warning(env: Mapping[str, str], address: str) -> str | None:
+    """A warning naming the secret-looking variables in `env` and where Ray will show them."""
+    from segsearch.tracking._clean import is_secret_key
+
+    secrets = sorted(key for key in env if key in SECRET_ENV or is_secret_key(key))
+    if not secrets:
+        return None
+    return (
+        f"warning: {', '.join(secrets)} go to the job in plain text: shown in the job's info to "
+        f"anyone who can reach the dashboard ({normalize_address(address)}) and written to "
+        "runtime_env_agent.log in the Ray session folder of every node that runs it; prefer the "
+        "cluster's own credentials (cluster/README.md)"
+    )
+
+
+def check_locations(
+    *,
+    storage: str | None,
+    shared_storage: str | None,
+    tracking_uri: str | None,
+    cluster_defaults: bool,
+    extra_args: Sequence[str] = (),
+) -> str | None:
+    """The job's `--storage` (None: the cluster's); UserError unless results outlive the job.
+
+    Shared storage is s3:// (any remote URI) or an absolute path the user declares mounted on
+    every node (`shared_storage`); tracking goes to an http(s) server. With `cluster_defaults`,
+    what is not given comes from the cluster's SEGSEARCH_STORAGE / MLFLOW_TRACKING_URI, checked
+    on the head before the search starts (`cluster_check_entrypoint`).
+    """
+    for arg in extra_args:
+        option = arg.split("=", 1)[0]
+        if option in ("--storage", "--tracking-uri"):
+            raise UserError(
+                f"{option} after --: give it to submit itself (before --), where it is checked"
+            )
+    if storage and shared_storage:
+        raise UserError("give --storage or --shared-storage, not both")
+    if shared_storage is not None and not PurePosixPath(shared_storage).is_absolute():
+        raise UserError(
+            f"--shared-storage {shared_storage}: expected an absolute path that every node mounts"
+        )
+    if storage and not _is_remote(storage):
+        raise UserError(
+            f"--storage {storage} is a local path, which the job would resolve inside its "
+            "temporary working directory on the head: use s3://BUCKET/PREFIX, or "
+            "--shared-storage PATH for a folder every node mounts"
+        )
+    if tracking_uri and urlsplit(tracking_uri).scheme not in ("http", "https"):
+        raise UserError(
+            f"--tracking-uri {tracking_uri} is not a tracking server: its store would stay in "
+            "the job's temporary working directory on the head; use http(s)://MLFLOW:5000"
+        )
+    storage = storage or shared_storage
+    missing = [
+        option
+        for option, given in (
+            ("--storage s3://BUCKET/PREFIX (or --shared-storage PATH)", storage),
+            ("--tracking-uri http(s)://MLFLOW:5000", tracking_uri),
+        )
+        if not given
+    ]
+    if missing and not cluster_defaults:
+        raise UserError(
+            f"submit needs {' and '.join(missing)}: otherwise checkpoints and the MLflow store "
+            "land in the job's temporary working directory on the head and vanish with it "
+            f"(--cluster-defaults takes {STORAGE_ENV} / {TRACKING_ENV} from the cluster)"
+        )
+    return storage
+
+
+def cluster_check_entrypoint(names: Sequence[str]) -> str:
+    """The shell command that checks the cluster's own `names` on the head (cluster_env.py)."""
+    return shlex.join(["python", "-m", "segsearch.cluster_env", *names])
+
+
+def check_cluster_environment(names: Iterable[str], environ: Mapping[str, str]) -> None:
+    """UserError unless the cluster's environment sets `names` to shared, lasting places."""
+    for name in names:
+        value = environ.get(name, "")
+        if not value:
+            raise UserError(
+                f"the cluster's environment has no {name}, and submit was given none "
+                "(--cluster-defaults): set it on the cluster (cluster/README.md) or pass it"
+            )
+        if name == TRACKING_ENV and urlsplit(value).scheme not in ("http", "https"):
+            raise UserError(f"the cluster's {name}={value} is not an http(s) tracking server")
+        if name == STORAGE_ENV and not (_is_remote(value) or PurePosixPath(value).is_absolute()):
+            raise UserError(
+                f"the cluster's {name}={value} is a relative path: it would resolve inside "
+                "the job's temporary working directory"
+            )
+
+
+def _is_remote(uri: str) -> bool:
+    return urlsplit(uri).scheme not in ("", "file") and "://" in uri
 
 
 def dashboard_url(address: str, job_id: str) -> str:
@@ -341,8 +477,8 @@ def _check_tracking_uri(uri: str | None) -> None:
     """A password inside the URI would sit in the job's entrypoint, shown on the dashboard."""
     if uri and urlsplit(uri).password:
         raise UserError(
-            "--tracking-uri contains a password: pass the URI without it and the credentials "
-            "as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            "--tracking-uri contains a password: pass the URI without it and give the cluster "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (cluster/README.md)"
         )
 
 

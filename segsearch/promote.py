@@ -2,6 +2,8 @@
 
 Guarded and repeatable: an alias never silently moves to a model that scored worse on the same
 dataset (unless forced), and promoting a run that already has a version reuses that version.
+"The same dataset" is the same dataset fingerprint (segsearch.data.fingerprint), whatever path
+or directory each search read it from; runs logged before fingerprints compare dataset URIs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ MODEL_ARTIFACT = "model"
 ROLE_TAG = "segsearch.role"
 TRIAL_TAG = "segsearch.trial_id"
 TAG_PREFIX = "segsearch."
+FINGERPRINT_TAG = f"{TAG_PREFIX}dataset_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ def promote(
         run, model_id = _best_trial(client, experiment.experiment_id, search_name, metric, mode)
         value = run.data.metrics[metric]
         dataset = _dataset(client, run)
+        fingerprint = _fingerprint(client, run)
         trial = run.data.tags.get(TRIAL_TAG) or run.info.run_name or run.info.run_id
         current = _alias_version(client, model_name, alias)
         existing = _version_of_run(client, model_name, run.info.run_id)
@@ -93,7 +97,17 @@ def promote(
                 version=current.version, created=False, moved=False, previous=None, **common
             )
         if current is not None and not force:
-            _gate(current, model_name, alias, metric, mode, value, dataset, trial, search_name)
+            _gate(
+                current,
+                model_name,
+                alias,
+                metric,
+                mode,
+                value,
+                (dataset, fingerprint),
+                trial,
+                search_name,
+            )
         version = existing
         if version is None:
             _ensure_registered_model(client, model_name)
@@ -105,6 +119,8 @@ def promote(
                 f"{TAG_PREFIX}mode": mode,
                 f"{TAG_PREFIX}dataset": dataset,
             }
+            if fingerprint:
+                tags[FINGERPRINT_TAG] = fingerprint
             version = client.create_model_version(
                 name=model_name,
                 source=f"models:/{model_id}",
@@ -199,6 +215,22 @@ def _dataset(client: Any, run: Any) -> str:
     return ""
 
 
+def _fingerprint(client: Any, run: Any) -> str:
+    """The run's dataset fingerprint tag, else its parent search run's; "" when neither has one."""
+    for candidate in (run, _parent(client, run)):
+        if candidate is not None and candidate.data.tags.get(FINGERPRINT_TAG):
+            return candidate.data.tags[FINGERPRINT_TAG]
+    return ""
+
+
+def _same_dataset(tags: Any, dataset: str, fingerprint: str) -> bool:
+    """Same fingerprint when both have one; else (older runs) the same dataset URI."""
+    held = tags.get(FINGERPRINT_TAG)
+    if held and fingerprint:
+        return held == fingerprint
+    return tags.get(f"{TAG_PREFIX}dataset") == dataset
+
+
 def _parent(client: Any, run: Any) -> Any:
     parent_id = run.data.tags.get("mlflow.parentRunId")
     return client.get_run(parent_id) if parent_id else None
@@ -229,13 +261,17 @@ def _gate(
     metric: str,
     mode: str,
     value: float,
-    dataset: str,
+    data: tuple[str, str],
     trial: str,
     search_name: str,
 ) -> None:
-    """Refuse to move the alias to a model that scored worse on the same dataset and metric."""
+    """Refuse to move the alias to a model that scored worse on the same dataset and metric.
+
+    `data` is the candidate's (dataset URI, dataset fingerprint).
+    """
     tags = current.tags
-    if tags.get(f"{TAG_PREFIX}metric") != metric or tags.get(f"{TAG_PREFIX}dataset") != dataset:
+    dataset, fingerprint = data
+    if tags.get(f"{TAG_PREFIX}metric") != metric or not _same_dataset(tags, dataset, fingerprint):
         return
     try:
         held = float(tags[f"{TAG_PREFIX}metric_value"])

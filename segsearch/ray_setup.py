@@ -11,24 +11,33 @@ from typing import Any
 #: always find one free, or the data stream (and the trial) waits forever.
 LOCAL_NUM_CPUS = 8
 
-#: Variables a search needs on every node: S3 credentials and settings, MLflow credentials. They are
-#: forwarded from the driver to the search's tasks and actors, and from `segsearch submit` to the
-#: job. Not AWS_PROFILE / AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE: they name local files.
-FORWARDED_ENV = (
+#: Credentials a search may need on every node. Never forwarded by default: Ray writes a
+#: runtime_env's env_vars in plain text to its session's runtime_env_agent.log, and the Jobs API
+#: shows a job's to anyone who can reach the dashboard. Locally, Ray's processes inherit the
+#: driver's environment; on a cluster, the platform provides them (instance roles, Kubernetes
+#: Secrets: cluster/README.md), or `segsearch submit --forward-secrets` passes them knowingly.
+SECRET_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+#: Settings, not secrets, forwarded to a cluster the driver joins and to a submitted job, so the
+#: nodes reach the same endpoints. Not AWS_PROFILE / AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE:
+#: they name local files.
+SETTINGS_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_S3_ENDPOINT_URL",
 )
-
+#: AWS credentials Ray Tune copies from the driver into every trainable actor's runtime_env
+#: (ray.tune.execution.class_cache), and so into runtime_env_agent.log.
+_TUNE_PROPAGATED_SECRETS = frozenset({*SECRET_ENV, "AWS_SECURITY_TOKEN"})
 
 #: Set by Ray in the driver of a Ray Job (`segsearch submit`).
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -52,17 +61,23 @@ def quiet_ray() -> None:
 
 
 def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS); else start Ray locally with headroom."""
+    """Join the cluster at `address` (or $RAY_ADDRESS); else start Ray locally with headroom.
+
+    A local Ray's processes inherit this process's environment, credentials included, so
+    nothing is forwarded; a joined cluster gets SETTINGS_ENV only, never SECRET_ENV.
+    """
     import ray
 
+    keep_credentials_out_of_tune()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
-    if JOB_CONFIG_ENV not in os.environ:
-        # A Ray Job's runtime env already carries them (and Ray refuses to merge the same keys).
-        env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-        options["runtime_env"] = {"env_vars": env_vars}
+    # A Ray Job's runtime env already carries its settings (and Ray refuses to merge the same
+    # keys); a local Ray inherits them.
+    settings = {key: os.environ[key] for key in SETTINGS_ENV if os.environ.get(key)}
+    if address and settings and JOB_CONFIG_ENV not in os.environ:
+        options["runtime_env"] = {"env_vars": settings}
     if address:
         ray.init(address=address, **options)
     else:
@@ -74,3 +89,18 @@ def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None
             **options,
         )
     quiet_ray()
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Stop Ray Tune from writing the driver's AWS credentials into its trainables' runtime_env.
+
+    Tune 2.60 has no setting for it: it reads the module-level ENV_VARS_TO_PROPAGATE on every
+    trainable it registers. Trainables lose nothing: a local Ray's workers inherit the driver's
+    environment, a cluster's nodes have their own credentials, and a job's env_vars (submit
+    --forward-secrets) reach all of the job's workers anyway.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - set(
+        _TUNE_PROPAGATED_SECRETS
+    )

@@ -15,6 +15,7 @@ import ray
 from ray.tune import Callback
 
 from segsearch.config import TrialConfig
+from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo, read_dataset_info
 from segsearch.errors import UserError
 from segsearch.progress import TrialProgress, format_table, print_line
@@ -173,6 +174,7 @@ def run_search(
         space_path=space_path,
         dataset_uri=dataset,
         dataset_info=info,
+        dataset_fingerprint=dataset_fingerprint(dataset, info.splits),
         settings=_settings(spec),
         epochs=spec.epochs,
     )

@@ -15,6 +15,8 @@ import torch
 import yaml
 
 from segsearch.cli import main
+from segsearch.jobs import STORAGE_ENV, TRACKING_ENV, check_cluster_environment
+from segsearch.ray_setup import SECRET_ENV
 from segsearch.space import parse_space
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -26,6 +28,12 @@ def load_docs(path: Path) -> dict[str, dict]:
     """A manifest file's documents by kind."""
     docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return {doc["kind"]: doc for doc in docs}
+
+
+def check_cluster_defaults(environ: dict[str, str]) -> None:
+    """The cluster names shared storage on S3 and an MLflow server (`submit --cluster-defaults`)."""
+    check_cluster_environment([STORAGE_ENV, TRACKING_ENV], environ)
+    assert environ[STORAGE_ENV].startswith("s3://")
 
 
 def search_args(command: str) -> list[str]:
@@ -85,6 +93,15 @@ def test_aws_config_installs_segsearch_on_rays_images_with_token_auth(aws):
     assert "--head" in head_start and "--dashboard-host=0.0.0.0" in head_start
 
 
+def test_aws_nodes_provide_storage_and_tracking_but_no_credentials(aws):
+    for commands in (aws["head_start_ray_commands"], aws["worker_start_ray_commands"]):
+        [start] = [c for c in commands if "ray start" in c]
+        exported = dict(re.findall(r"export (\w+)=([^;\s]+);", start))
+        check_cluster_defaults(exported)
+    text = yaml.safe_dump(aws)  # without comments
+    assert not [name for name in SECRET_ENV if name in text]
+
+
 # --- Kubernetes: KubeRay ----------------------------------------------------------------------
 
 
@@ -110,7 +127,21 @@ def check_cluster_spec(spec: dict) -> dict:
         assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
         assert {"cpu", "memory"} <= set(resources["limits"])
+        check_container_env(worker)
+    check_container_env(head_container)
     return head
+
+
+def check_container_env(container: dict) -> None:
+    """Storage and tracking set for `--cluster-defaults`; credentials only from Secrets."""
+    env = {item["name"]: item for item in container["env"]}
+    check_cluster_defaults({name: item["value"] for name, item in env.items() if "value" in item})
+    for name in SECRET_ENV:
+        if name in env:
+            assert set(env[name]) == {"name", "valueFrom"}, name
+            assert set(env[name]["valueFrom"]) == {"secretKeyRef"}, name
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env)
+    assert [set(source) for source in container.get("envFrom", [])] == [{"secretRef"}]
 
 
 def test_raycluster_manifest_has_what_kuberay_needs():

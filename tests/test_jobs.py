@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from segsearch import jobs
+from segsearch.cli import main
 from segsearch.errors import UserError
 from tests.fixtures.ray_head import client_environ
 
@@ -96,18 +98,32 @@ def free_port() -> int:
 # --- without a cluster -------------------------------------------------------------------------
 
 
-def test_job_env_forwards_credentials_only_and_adds_pairs():
+def test_job_env_forwards_settings_and_credentials_only_on_request():
     environ = {
         "AWS_ACCESS_KEY_ID": "id",
         "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "session",
+        "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://s3.local:9000",
         "AWS_PROFILE": "laptop-only",
         "MLFLOW_TRACKING_PASSWORD": "pw",
+        "MLFLOW_S3_ENDPOINT_URL": "http://s3.local:9000",
         "HOME": "/home/me",
     }
-    env = jobs.job_env(["EXTRA=1", "AWS_ACCESS_KEY_ID=override", "EMPTY="], environ=environ)
+    settings = {
+        "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://s3.local:9000",
+        "MLFLOW_S3_ENDPOINT_URL": "http://s3.local:9000",
+    }
+    assert jobs.job_env(environ=environ) == settings
+    env = jobs.job_env(
+        ["EXTRA=1", "AWS_ACCESS_KEY_ID=override", "EMPTY="], forward_secrets=True, environ=environ
+    )
     assert env == {
+        **settings,
         "AWS_ACCESS_KEY_ID": "override",
         "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "session",
         "MLFLOW_TRACKING_PASSWORD": "pw",
         "EXTRA": "1",
         "EMPTY": "",
@@ -174,12 +190,102 @@ def test_token_settings_name_what_is_missing(tmp_path, monkeypatch):
     jobs.check_token_settings({"RAY_AUTH_MODE": "token"})
 
 
+def submit_cli(*args: str):
+    """`segsearch submit` in this process: for checks that fail before contacting a cluster."""
+    return CliRunner().invoke(main, ["submit", *args])
+
+
+LASTING = ("--storage", "s3://bkt/runs", "--tracking-uri", "http://mlflow:5000")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ((), "submit needs --storage s3://BUCKET/PREFIX (or --shared-storage PATH) and "),
+        (("--storage", "s3://bkt/runs"), "submit needs --tracking-uri http(s)://MLFLOW:5000:"),
+        (("--tracking-uri", "http://m:5000"), "submit needs --storage s3://BUCKET/PREFIX"),
+        (
+            ("--storage", "runs", "--tracking-uri", "http://m:5000"),
+            "--storage runs is a local path, which the job would resolve inside its temporary",
+        ),
+        (
+            ("--shared-storage", "runs", "--tracking-uri", "http://m:5000"),
+            "--shared-storage runs: expected an absolute path that every node mounts",
+        ),
+        (
+            ("--storage", "s3://bkt/runs", "--tracking-uri", "sqlite:///mlflow.db"),
+            "--tracking-uri sqlite:///mlflow.db is not a tracking server",
+        ),
+        ((*LASTING, "--", "--storage=/tmp/x"), "--storage after --: give it to submit itself"),
+        (
+            ("--storage", "s3://b/r", "--shared-storage", "/mnt/r", "--tracking-uri", "http://m"),
+            "give --storage or --shared-storage, not both",
+        ),
+    ],
+)
+def test_submit_refuses_results_that_would_vanish_with_the_job(tmp_path, options, message):
+    """Checked on the laptop: the address is a closed port, never contacted."""
+    space = write_space(tmp_path / "space.yaml")
+    address = f"http://127.0.0.1:{free_port()}"
+    out = submit_cli(str(space), "--address", address, "--dataset", "s3://bkt/x", *options)
+    assert out.exit_code == 2, out.output
+    assert out.stderr.startswith(f"error: {message}"), out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_cluster_defaults_are_checked_on_the_cluster_before_the_search():
+    check = jobs.check_cluster_environment
+    names = ["SEGSEARCH_STORAGE", "MLFLOW_TRACKING_URI"]
+    check(names, {"SEGSEARCH_STORAGE": "/mnt/shared/runs", "MLFLOW_TRACKING_URI": "http://m"})
+    check(names, {"SEGSEARCH_STORAGE": "s3://b/runs", "MLFLOW_TRACKING_URI": "https://m"})
+    check(["MLFLOW_TRACKING_URI"], {"MLFLOW_TRACKING_URI": "http://m"})
+    bad = [
+        ({"MLFLOW_TRACKING_URI": "http://m"}, "the cluster's environment has no SEGSEARCH_STORAGE"),
+        (
+            {"SEGSEARCH_STORAGE": "runs", "MLFLOW_TRACKING_URI": "http://m"},
+            "the cluster's SEGSEARCH_STORAGE=runs is a relative path",
+        ),
+        (
+            {"SEGSEARCH_STORAGE": "s3://b/r", "MLFLOW_TRACKING_URI": "sqlite:///m.db"},
+            "the cluster's MLFLOW_TRACKING_URI=sqlite:///m.db is not an http(s) tracking server",
+        ),
+    ]
+    for environ, message in bad:
+        with pytest.raises(UserError, match=re.escape(message)):
+            check(names, environ)
+
+
+def test_secrets_for_the_job_are_named_with_where_they_will_show(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-never-printed")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    space = write_space(tmp_path / "space.yaml")
+    address = f"http://127.0.0.1:{free_port()}"
+    common = (str(space), "--address", address, "--dataset", "s3://bkt/x", *LASTING)
+    plain = submit_cli(*common)
+    assert "warning" not in plain.stderr
+    assert plain.stderr.startswith("error: cannot reach the Ray dashboard")
+    for options, names in (
+        (("--forward-secrets",), "AWS_SECRET_ACCESS_KEY"),
+        (("--env", "DB_PASSWORD=hunter22", "--env", "A=1"), "DB_PASSWORD"),
+    ):
+        out = submit_cli(*common, *options)
+        warning, error = out.stderr.splitlines()
+        assert warning == (
+            f"warning: {names} go to the job in plain text: shown in the job's info to anyone "
+            f"who can reach the dashboard ({address}) and written to runtime_env_agent.log in the "
+            "Ray session folder of every node that runs it; prefer the cluster's own credentials "
+            "(cluster/README.md)"
+        )
+        assert error.startswith("error: cannot reach the Ray dashboard")
+        assert "aws-secret-never-printed" not in out.output and "hunter22" not in out.output
+
+
 def test_unreachable_address_is_one_line_and_exit_2(tmp_path):
     space = write_space(tmp_path / "space.yaml")
     address = f"http://127.0.0.1:{free_port()}"
     env = client_environ()
     for args in (
-        ["submit", str(space), "--address", address, "--dataset", "s3://bkt/x"],
+        ["submit", str(space), "--address", address, "--dataset", "s3://bkt/x", *LASTING],
         ["logs", "raysubmit_x", "--address", address, "--follow"],
     ):
         out = segsearch_cli(*args, env=env, timeout=60)
@@ -269,6 +375,7 @@ def test_submit_wait_runs_the_shipped_cli_and_prints_env_keys_not_values(
         "s3://bkt/data",
         "--name",
         "plumbing",
+        *LASTING,
         "--env",
         f"{SECRET_KEY}={SECRET_VALUE}",
         "--wait",
@@ -281,9 +388,11 @@ def test_submit_wait_runs_the_shipped_cli_and_prints_env_keys_not_values(
     job_id = lines[0].removeprefix("job: ")
     assert job_id.startswith("raysubmit_")
     assert f"dashboard: {ray_head}/#/jobs/{job_id}" in lines
-    assert "MLflow experiment: plumbing (the cluster's default tracking URI)" in lines
+    assert "MLflow experiment: plumbing (http://mlflow:5000)" in lines
+    assert "storage: s3://bkt/runs" in lines
     [env_line] = [line for line in lines if line.startswith("job env:")]
-    assert SECRET_KEY in env_line and "AWS_SECRET_ACCESS_KEY" in env_line
+    assert SECRET_KEY in env_line and "AWS_SECRET_ACCESS_KEY" not in env_line
+    assert out.stderr.startswith(f"warning: {SECRET_KEY} go to the job in plain text")
     assert "Usage: python -m segsearch search" in out.stdout  # streamed from the cluster
     for secret in (SECRET_VALUE, "aws-secret-never-printed"):
         assert secret not in out.stdout + out.stderr
@@ -300,6 +409,7 @@ def test_submit_wait_of_a_failing_search_exits_1(ray_head, ray_head_env, tmp_pat
         ray_head,
         "--dataset",
         str(tmp_path / "no-such-dataset"),
+        *LASTING,
         "--wait",
         env=client_environ(ray_head_env),
     )
@@ -307,6 +417,34 @@ def test_submit_wait_of_a_failing_search_exits_1(ray_head, ray_head_env, tmp_pat
     assert "is a local path; every node of the cluster must see it" in out.stdout
     assert out.stderr.startswith("error: job raysubmit_") and " FAILED: " in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_cluster_defaults_the_cluster_lacks_fail_the_job_before_the_search(
+    ray_head, ray_head_env, tmp_path
+):
+    """The test head sets no SEGSEARCH_STORAGE: the job says so in one line, no search runs."""
+    space = write_space(tmp_path / "tiny.yaml")
+    out = segsearch_cli(
+        "submit",
+        str(space),
+        "--address",
+        ray_head,
+        "--dataset",
+        "s3://bkt/data",
+        "--tracking-uri",
+        "http://mlflow:5000",
+        "--cluster-defaults",
+        "--wait",
+        env=client_environ(ray_head_env),
+    )
+    assert out.returncode == 1, out
+    assert "storage: the cluster's SEGSEARCH_STORAGE" in out.stdout.splitlines()
+    logged = [line for line in out.stdout.splitlines() if line.startswith("error:")]
+    assert logged == [
+        "error: the cluster's environment has no SEGSEARCH_STORAGE, and submit was given none "
+        "(--cluster-defaults): set it on the cluster (cluster/README.md) or pass it"
+    ]
+    assert "Traceback" not in out.stdout
 
 
 # --- end to end (issue 6, part 3) --------------------------------------------------------------
@@ -337,17 +475,19 @@ def test_submit_wait_runs_a_two_trial_search_logged_to_mlflow(
         "submit-e2e",
         "--tracking-uri",
         mlflow_server,
-        "--wait",
-        "--",
-        "--storage",
+        "--shared-storage",  # one machine: the head's local disk is every node's
         str(tmp_path / "runs"),
+        "--forward-secrets",  # the head runs without the moto credentials
+        "--wait",
         env=env,
         timeout=1200,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr
     job_id = out.stdout.splitlines()[0].removeprefix("job: ")
     assert "best trial" in out.stdout
+    assert out.stderr.startswith("warning: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY go to the job")
     assert "AWS_SECRET_ACCESS_KEY" in out.stdout and "testing-secret-value" not in out.stdout
+    assert f"best checkpoint: {tmp_path / 'runs'}" in out.stdout
     shown = segsearch_cli("status", job_id, "--address", ray_head, env=env)
     assert f"job {job_id}: SUCCEEDED" in shown.stdout
     logged = segsearch_cli("logs", job_id, "--address", ray_head, env=env)

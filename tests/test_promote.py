@@ -21,10 +21,14 @@ import torch
 from mlflow import MlflowClient
 
 from segsearch.checkpoint import load_model
+from segsearch.data.demo import make_demo_dataset
+from segsearch.data.fingerprint import dataset_fingerprint
+from segsearch.data.format import read_dataset_info
 from segsearch.data.images import read_image_file
 from segsearch.mlflow_model import load_logged_model, log_model
 from segsearch.mlflow_uri import resolve_tracking_uri
 from segsearch.predictor import MaskPredictor
+from segsearch.tracking import SearchTracker
 from tests.fixtures.mlflow_server import ARTIFACT_BUCKET
 from tests.test_checkpoint import (
     one_torch_thread,  # noqa: F401 (an autouse fixture)
@@ -62,6 +66,14 @@ def make_search(uri: str, name: str, trials: list[Trial], *, dataset: str = DATA
         experiment_id, run_name=name, tags={"segsearch.role": "search", "segsearch.search": name}
     ).info.run_id
     client.log_param(parent, "dataset", dataset)
+    runs = add_trials(uri, experiment_id, parent, trials)
+    client.set_terminated(parent)
+    return runs
+
+
+def add_trials(uri: str, experiment_id: str, parent: str, trials: list[Trial]) -> dict:
+    """One child run per trial under `parent`, shaped like the tracker's; trial id → run id."""
+    client = MlflowClient(uri)
     runs = {}
     for trial in trials:
         tags = {
@@ -78,8 +90,26 @@ def make_search(uri: str, name: str, trials: list[Trial], *, dataset: str = DATA
                 log_model(str(trial.checkpoint), run_id=run_id)
         client.set_terminated(run_id, trial.status)
         runs[trial.trial_id] = run_id
-    client.set_terminated(parent)
     return runs
+
+
+def tracked_search(uri: str, name: str, dataset: str, trials: list[Trial]) -> None:
+    """A search whose parent run is opened as `segsearch search` opens it (SearchTracker.start)
+    from the current directory, with trial runs as in make_search."""
+    info = read_dataset_info(dataset)
+    tracker = SearchTracker.start(
+        tracking_uri=uri,
+        search_name=name,
+        space_path=None,
+        dataset_uri=dataset,
+        dataset_info=info,
+        dataset_fingerprint=dataset_fingerprint(dataset, info.splits),
+        settings={},
+        epochs=2,
+        echo=lambda line: None,
+    )
+    add_trials(uri, tracker.experiment_id, tracker.parent_run_id, trials)
+    MlflowClient(uri).set_terminated(tracker.parent_run_id)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +224,34 @@ def test_gate_refuses_a_worse_model_unless_forced(mlflow_server, searches):
     )
     assert lower_is_better.exit_code == 0, lower_is_better.output
     assert "(trial t2, train_loss=0.2000)" in lower_is_better.output
+
+
+def test_gate_holds_for_one_dataset_searched_from_two_directories(
+    tmp_path, monkeypatch, checkpoints
+):
+    """The same dataset, searched from its own folder and from another one, is the same dataset:
+    the worse search's model must not take the alias without --force."""
+    dataset = tmp_path / "data" / "ds"
+    make_demo_dataset(str(dataset), n_train=4, n_val=2, size=(16, 16), seed=0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    searches = (
+        (dataset.parent, "pets-a", str(dataset), 0.8),
+        (tmp_path, "pets-b", "data/ds", 0.6),  # the same folder, by another path
+    )
+    for folder, name, given, miou in searches:
+        monkeypatch.chdir(folder)
+        monkeypatch.setenv("PWD", str(folder))
+        tracked_search(uri, name, given, [Trial("t1", (miou,), checkpoints[0])])
+
+    assert promote_cli(uri, "pets-a", "pets-dirs").exit_code == 0
+    client = MlflowClient(uri)
+    tags = client.get_model_version_by_alias("pets-dirs", "champion").tags
+    assert tags["segsearch.dataset"] == str(dataset)  # in full, no *** for the directory
+    assert tags["segsearch.dataset_fingerprint"].startswith("sha256:")
+    refused = promote_cli(uri, "pets-b", "pets-dirs")
+    assert refused.exit_code == 2, refused.output
+    assert "with val_miou=0.8000" in refused.stderr and "pass --force" in refused.stderr
+    assert str(client.get_model_version_by_alias("pets-dirs", "champion").version) == "1"
 
 
 def test_promote_errors_are_one_line(mlflow_server, searches):

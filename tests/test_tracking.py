@@ -300,6 +300,27 @@ def test_clean_masks_credentials_in_keys_and_values(monkeypatch):
     assert mask("Bearer abc.def") == f"Bearer {MASK}"
 
 
+def test_clean_masks_real_secrets_by_value_but_never_paths(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    work = home / "work"
+    work.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PWD", str(work))
+    monkeypatch.setenv("OLDPWD", str(home))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / ".aws" / "credentials"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(home / ".ray" / "auth_token"))
+    monkeypatch.setenv("MYSQL_PWD", "real-password-123")
+    cleaned = clean(
+        {"dataset": f"{work}/ds", "storage": f"{home}/runs", "note": "pw real-password-123"}
+    )
+    assert cleaned == {
+        "dataset": f"{work}/ds",
+        "storage": f"{home}/runs",
+        "note": f"pw {MASK}",
+    }
+    assert mask(f"checkpoint {work}/runs/x") == f"checkpoint {work}/runs/x"
+
+
 def test_search_pictures_draw_with_few_or_unscored_trials(tmp_path):
     from segsearch.tracking import _pictures
     from segsearch.tracking._outcome import TrialOutcome

@@ -3,7 +3,9 @@
 A key that names a credential (`…secret…`, `…password…`, `…token`, `…access_key…`) keeps only a
 mask; a value that holds one (the value of any such environment variable, a URL's user:password,
 an AWS key id, a private key, a bearer token, a signed-URL signature) has that part masked.
-Environment variables are read only to recognise their values, never logged.
+Environment variables are read only to recognise their values, never logged. Paths are never
+secrets: PWD and OLDPWD, variables that name a file or folder (`…_FILE`, `…_PATH`, `…_DIR`) and
+values that are existing paths are not masked, or every path under them would become `***/…`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ _SECRET_VALUES = (
     ),
 )
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- :/]")
+#: Environment variables whose values are paths, whatever their names say.
+_PATH_VARIABLES = frozenset({"PWD", "OLDPWD"})
+_PATH_SUFFIXES = ("_FILE", "_PATH", "_DIR")
 
 
 def is_secret_key(key: str) -> bool:
@@ -118,6 +123,14 @@ def _environment_secrets() -> list[str]:
     values = {
         value
         for name, value in os.environ.items()
-        if is_secret_key(name) and len(value) >= MIN_SECRET_LENGTH
+        if is_secret_key(name) and len(value) >= MIN_SECRET_LENGTH and not _is_path(name, value)
     }
     return sorted(values, key=len, reverse=True)
+
+
+def _is_path(name: str, value: str) -> bool:
+    """True for variables that hold a path, not a credential (see the module docstring)."""
+    upper = name.upper()
+    if upper in _PATH_VARIABLES or upper.endswith(_PATH_SUFFIXES):
+        return True
+    return os.path.isabs(value) and os.path.exists(value)

@@ -20,6 +20,7 @@ TRIAL_ID = "segsearch.trial_id"
 STATUS = "segsearch.status"
 BEST = "segsearch.best"
 ERROR_TAG = "segsearch.error"
+DATASET_FINGERPRINT = "segsearch.dataset_fingerprint"
 PARENT_RUN = "mlflow.parentRunId"
 
 
@@ -94,7 +95,8 @@ def open_child(
     trial_id: str,
     known: str | None,
 ) -> str:
-    """The trial's child run: the known or tagged one reopened, else a new one."""
+    """The trial's child run: the known or tagged one reopened, else a new one (with the
+    parent's dataset fingerprint)."""
     run_id = known or _find_child(client, experiment_id, parent_id, trial_id)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
@@ -109,6 +111,9 @@ def open_child(
         PARENT_RUN: parent_id,
         STATUS: "running",
     }
+    fingerprint = client.get_run(parent_id).data.tags.get(DATASET_FINGERPRINT)
+    if fingerprint:
+        tags[DATASET_FINGERPRINT] = fingerprint
     return client.create_run(experiment_id, run_name=trial_id, tags=clean(tags)).info.run_id
 
 

@@ -109,10 +109,15 @@ class SearchTracker:
         dataset_info: Any,
         settings: Mapping[str, Any],
         epochs: int,
+        dataset_fingerprint: str | None = None,
         echo: Callable[[str], None] = _stderr,
         retry_every_s: float = 15.0,
     ) -> SearchTracker:
-        """Open (or reopen, on resume) the search's parent run; UserError if MLflow is unusable."""
+        """Open (or reopen, on resume) the search's parent run; UserError if MLflow is unusable.
+
+        `dataset_fingerprint` (segsearch.data.fingerprint) becomes the parent's and every trial
+        run's `segsearch.dataset_fingerprint` tag, what the promote gate compares.
+        """
         uri = resolve_tracking_uri(tracking_uri)
         check_tracking_server(uri)
         staging = Path(tempfile.mkdtemp(prefix="segsearch-tracking-"))
@@ -125,6 +130,9 @@ class SearchTracker:
                 lambda c: _runs.open_parent(c, experiment_id, search_name)
             )
             writer.now(lambda c: _runs.log_params(c, parent_id, params, echo=echo))
+            if dataset_fingerprint:
+                fingerprint = {_runs.DATASET_FINGERPRINT: dataset_fingerprint}
+                writer.now(lambda c: _runs.log_tags(c, parent_id, fingerprint))
             for path in _files.parent_files(staging, space_path, dataset_info):
                 writer.now(lambda c, path=path: c.log_artifact(parent_id, str(path)))
             children = writer.now(lambda c: _runs.children_of(c, experiment_id, parent_id))
