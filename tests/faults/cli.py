@@ -37,12 +37,15 @@ class Sandbox:
         box.tmp.mkdir()
         return box
 
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1"}
+
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1"}
         return subprocess.run(
             [sys.executable, "-m", "segsearch", *args],
             cwd=self.cwd,
-            env=env,
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -74,3 +77,16 @@ def run_tags(database: Path, key: str) -> dict[str, str]:
     with sqlite3.connect(database) as connection:
         rows = connection.execute("select run_uuid, value from tags where key = ?", (key,))
         return dict(rows.fetchall())
+
+
+def runs_by_role(database: Path) -> dict[str, list[str]]:
+    """`segsearch.role` (search / trial) → the sorted statuses of its runs in a sqlite store."""
+    query = (
+        "select tags.value, runs.status from runs join tags on tags.run_uuid = runs.run_uuid "
+        "and tags.key = 'segsearch.role'"
+    )
+    found: dict[str, list[str]] = {}
+    with sqlite3.connect(database) as connection:
+        for role, status in connection.execute(query):
+            found.setdefault(role, []).append(status)
+    return {role: sorted(statuses) for role, statuses in found.items()}
