@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 
@@ -10,6 +11,8 @@ import click
 from segsearch.errors import UserError
 
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+#: Exit code of a search stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 class _Group(click.Group):
@@ -122,19 +125,31 @@ def search(
     resume: bool,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
-    from segsearch.search import run_search
+    from segsearch.search import SearchInterrupted, run_search
     from segsearch.space import load_space
 
     spec = load_space(space_file).with_overrides(name=name, trials=trials, epochs=epochs)
-    result = run_search(
-        spec,
-        dataset=dataset,
-        storage=storage,
-        resume=resume,
-        address=address,
-        tracking_uri=tracking_uri,
-        space_path=space_file,
-    )
+    try:
+        result = run_search(
+            spec,
+            dataset=dataset,
+            storage=storage,
+            resume=resume,
+            address=address,
+            tracking_uri=tracking_uri,
+            space_path=space_file,
+        )
+    except SearchInterrupted as stop:
+        options = {
+            "--dataset": dataset,
+            "--name": stop.name,
+            "--trials": trials,
+            "--epochs": epochs,
+            "--storage": storage,
+            "--address": address,
+            "--tracking-uri": tracking_uri,
+        }
+        _interrupted(space_file, options)
     _print_result(result)
 
 
@@ -150,7 +165,7 @@ def demo(
     """Run a real search on a built-in dataset with local Ray; print the best and worst trial."""
     from segsearch.data.demo import make_demo_dataset
     from segsearch.data.format import read_dataset_info
-    from segsearch.search import run_search
+    from segsearch.search import SearchInterrupted, run_search
     from segsearch.space import load_space, packaged_space
 
     try:
@@ -161,14 +176,41 @@ def demo(
     space_path = packaged_space("demo.yaml")
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = load_space(space_path).with_overrides(name=name, trials=trials, epochs=epochs)
-    result = run_search(
-        spec, dataset=data, storage=storage, tracking_uri=tracking_uri, space_path=space_path
-    )
+    try:
+        result = run_search(
+            spec, dataset=data, storage=storage, tracking_uri=tracking_uri, space_path=space_path
+        )
+    except SearchInterrupted as stop:
+        options = {
+            "--dataset": data,
+            "--name": stop.name,
+            "--trials": trials,
+            "--epochs": epochs,
+            "--storage": storage,
+            "--tracking-uri": tracking_uri,
+        }
+        _interrupted(str(space_path), options)
     _print_result(result)
+
+
+def _interrupted(space_file: str, options: dict[str, object]) -> None:
+    """Say how to continue an interrupted search, and exit 130 (never 0: it did not finish)."""
+    words = ["segsearch", "search", space_file]
+    for option, value in options.items():
+        if value is not None:
+            words += [option, str(value)]
+    click.echo(f"interrupted — continue with `{shlex.join([*words, '--resume'])}`", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _print_result(result) -> None:
     click.echo(f"\n{result.table()}\n")
+    failed = [trial for trial in result.trials if trial["error"] is not None]
+    for trial in failed:
+        click.echo(f"trial {trial['trial_id']} failed: {trial['error']}")
+    if failed and len(failed) == len(result.trials):
+        click.echo(f"error: all {len(failed)} trials failed ({failed[0]['error']})", err=True)
+        sys.exit(1)
     if result.best_trial_id is None:
         raise UserError(f"search {result.name!r}: no trial reported {result.metric}")
     click.echo(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ import numpy as np
 import ray
 from ray.tune import Callback
 
+from segsearch.capacity import TRIAL_DRIVER_CPUS, check_capacity
 from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo, read_dataset_info
-from segsearch.errors import UserError
+from segsearch.errors import UserError, last_line, user_error_in
+from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.progress import TrialProgress, format_table, print_line
 from segsearch.space import SearchSpec, nest
 from segsearch.tracking import SearchTracker
@@ -26,6 +29,18 @@ from segsearch.tracking import SearchTracker
 DATA_CPU_RESERVE = 1.0
 #: Validation images drawn in each trial's overlay picture.
 OVERLAY_IMAGES = 4
+#: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
+#: data found mid-trial) is never retried.
+TRAIN_RETRIES = 1
+
+
+class SearchInterrupted(Exception):
+    """The search was interrupted (Ctrl-C); its state is saved and `--resume` continues it."""
+
+    def __init__(self, name: str, experiment_path: str) -> None:
+        super().__init__(f"search {name!r} interrupted; its state is in {experiment_path}")
+        self.name = name
+        self.experiment_path = experiment_path
 
 
 @dataclass(frozen=True)
@@ -95,23 +110,44 @@ def _release(group_id: str | None) -> None:
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """Tune's trainable: run one trial as a Ray Train job and let TuneReportCallback relay it."""
-    import ray.train
+    """Tune's trainable: run one trial as a Ray Train job and let TuneReportCallback relay it.
+
+    A failed Train run starts again from its last checkpoint (same run name), at most
+    TRAIN_RETRIES times; a failure caused by a UserError (bad data met mid-trial) is raised at
+    once as that one line, since running it again would meet the same data.
+    """
     import ray.tune
+    from ray.train import TrainingFailedError
+
+    trial = {**nest(config), "epochs": context.epochs}
+    trial_id = ray.tune.get_context().get_trial_id()
+    for attempt in range(TRAIN_RETRIES + 1):
+        try:
+            _trainer(trial, trial_id, context).fit()
+            return
+        except TrainingFailedError as err:
+            found = user_error_in(err)
+            if found is not None:
+                raise UserError(str(found)) from None
+            if attempt == TRAIN_RETRIES:
+                raise
+
+
+def _trainer(trial: dict[str, Any], trial_id: str, context: TrialContext) -> Any:
+    """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
+    import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from segsearch.data.ray_data import load_splits
     from segsearch.train import train_loop_per_worker
 
-    trial = {**nest(config), "epochs": context.epochs}
     image_size = trial.get("image_size")
     datasets = load_splits(context.dataset, image_size=tuple(image_size) if image_size else None)
-    trial_id = ray.tune.get_context().get_trial_id()
     resources = {"CPU": context.cpus_per_worker}
     if context.gpus_per_worker:
         resources["GPU"] = context.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "trial": trial,
@@ -130,12 +166,11 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=f"{context.storage.rstrip('/')}/{context.search_name}-train",
-            failure_config=ray.train.FailureConfig(max_failures=1),
+            failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
 
 
 def run_search(
@@ -151,14 +186,12 @@ def run_search(
 ) -> SearchResult:
     """Run (or resume) a search described by `spec` over the dataset at `dataset`.
 
-    Everything a user can get wrong (space, dataset, storage, tracking server) is checked before
-    trials start. Every trial is tracked in MLflow (`tracking_uri`, else $MLFLOW_TRACKING_URI,
-    else sqlite:///mlflow.db) under an experiment named after the search.
+    Everything a user can get wrong (space, dataset, storage, tracking server, resources the
+    cluster cannot give) is checked before anything is written. Every trial is tracked in MLflow
+    (`tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) under an experiment
+    named after the search. Raises SearchInterrupted after Ctrl-C (runs marked KILLED); any
+    error after the parent run opened ends it as FAILED, and a UserError stays one line.
     """
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     from segsearch.ray_setup import init_ray, quiet_ray
 
     quiet_ray()
@@ -168,6 +201,9 @@ def run_search(
     storage = resolve_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     can_restore = _can_restore(experiment_path, resume=resume, name=spec.name)
+    check_tracking_server(resolve_tracking_uri(tracking_uri))
+    init_ray(address)
+    check_capacity(spec.resources)
     tracker = SearchTracker.start(
         tracking_uri=tracking_uri,
         search_name=spec.name,
@@ -178,7 +214,46 @@ def run_search(
         settings=_settings(spec),
         epochs=spec.epochs,
     )
-    init_ray(address)
+    try:
+        tuner = _tuner(spec, dataset, info, storage, tracker, restore=can_restore, echo=echo)
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        tracker.interrupted()
+        raise SearchInterrupted(spec.name, experiment_path) from None
+    except BaseException as err:
+        tracker.failed(last_line(err))
+        found = user_error_in(err)
+        if found is not None:
+            raise UserError(str(found)) from None
+        raise
+    if _interrupted(grid, spec):
+        tracker.interrupted()
+        raise SearchInterrupted(spec.name, experiment_path)
+    summary = tracker.finish(grid, metric=spec.metric, mode=spec.mode)
+    echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
+    return _summarize(grid, spec, experiment_path)
+
+
+def _tuner(
+    spec: SearchSpec,
+    dataset: str,
+    info: DatasetInfo,
+    storage: str,
+    tracker: SearchTracker,
+    *,
+    restore: bool,
+    echo: Callable[[str], None],
+) -> Any:
+    """The Tuner of a new search, or of the earlier one restored.
+
+    Tune itself does not retry a failed trial (`max_failures=0`): run_trial already starts a
+    failed Train run again from its checkpoint, unless the failure is bad input; an errored
+    trial is retried by `--resume`.
+    """
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
     context = TrialContext(
         search_name=spec.name,
         dataset=dataset,
@@ -191,51 +266,54 @@ def run_search(
         overlay=_overlay_batch(dataset, spec),
     )
     trainable = ray.tune.with_parameters(run_trial, context=context)
-    if can_restore:
+    experiment_path = f"{storage.rstrip('/')}/{spec.name}"
+    if restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
-        tuner = ray.tune.Tuner.restore(
+        return ray.tune.Tuner.restore(
             experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    else:
-        sampler = _sampler(spec)
-        scheduler = (
-            ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=spec.epochs,
-                grace_period=min(spec.scheduler.grace_period, spec.epochs),
-                reduction_factor=spec.scheduler.reduction_factor,
-            )
-            if spec.scheduler.kind == "asha"
-            else FIFOScheduler()
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=spec.epochs,
+            grace_period=min(spec.scheduler.grace_period, spec.epochs),
+            reduction_factor=spec.scheduler.reduction_factor,
         )
-        tuner = ray.tune.Tuner(
-            trainable,
-            tune_config=ray.tune.TuneConfig(
-                metric=spec.metric,
-                mode=spec.mode,
-                search_alg=OptunaSearch(
-                    space=spec.define_by_run, metric=spec.metric, mode=spec.mode, sampler=sampler
-                ),
-                scheduler=scheduler,
-                num_samples=spec.trials,
-                max_concurrent_trials=spec.max_concurrent or default_concurrency(spec),
+        if spec.scheduler.kind == "asha"
+        else FIFOScheduler()
+    )
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=OptunaSearch(
+                space=spec.define_by_run, metric=spec.metric, mode=spec.mode, sampler=_sampler(spec)
             ),
-            run_config=ray.tune.RunConfig(
-                name=spec.name,
-                storage_path=storage,
-                failure_config=ray.tune.FailureConfig(max_failures=1),
-                callbacks=[
-                    TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
-                    tracker.tune_callback(),
-                    ReleasePlacementGroups(),
-                ],
-                verbose=0,
-            ),
-        )
-    grid = tuner.fit()
-    summary = tracker.finish(grid, metric=spec.metric, mode=spec.mode)
-    echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
-    return _summarize(grid, spec, experiment_path)
+            scheduler=scheduler,
+            num_samples=spec.trials,
+            max_concurrent_trials=spec.max_concurrent or default_concurrency(spec),
+        ),
+        run_config=ray.tune.RunConfig(
+            name=spec.name,
+            storage_path=storage,
+            failure_config=ray.tune.FailureConfig(max_failures=0),
+            callbacks=[
+                TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
+                tracker.tune_callback(),
+                ReleasePlacementGroups(),
+            ],
+            verbose=0,
+        ),
+    )
+
+
+def _interrupted(grid: Any, spec: SearchSpec) -> bool:
+    """Whether Tune returned early: it catches Ctrl-C itself, saves its state and returns the
+    trials so far, some still unfinished (or fewer than asked)."""
+    trials = grid._experiment_analysis.trials
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return bool(unfinished) or len(trials) < spec.trials
 
 
 def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
@@ -289,15 +367,19 @@ def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 1
 
 
 def default_concurrency(spec: SearchSpec) -> int:
-    """Trials that fit at once: by GPUs when trials use them, else by CPUs less Ray Data's share."""
+    """Trials that fit at once on the connected cluster (see `concurrency_for`)."""
     import ray
 
-    total = ray.cluster_resources()
+    return concurrency_for(spec, ray.cluster_resources())
+
+
+def concurrency_for(spec: SearchSpec, total: dict[str, float]) -> int:
+    """Trials that fit at once: by GPUs when trials use them, else by CPUs less Ray Data's share."""
     res = spec.resources
     if res.gpus_per_worker > 0:
         fit = total.get("GPU", 0) / (res.workers * res.gpus_per_worker)
     else:
-        per_trial = 1 + res.workers * res.cpus_per_worker
+        per_trial = TRIAL_DRIVER_CPUS + res.workers * res.cpus_per_worker
         fit = (total.get("CPU", 0) - DATA_CPU_RESERVE) / per_trial
     return max(1, math.floor(fit))
 
@@ -308,13 +390,37 @@ def absolute_uri(uri: str) -> str:
 
 
 def resolve_storage(storage: str | None) -> str:
-    """Where Tune keeps its state and checkpoints: a local folder (made absolute) or s3://."""
+    """Where Tune keeps its state and checkpoints: a local folder (made absolute) or s3://.
+
+    A local folder is checked, not created: Tune makes it once the search starts, so a search
+    that fails its checks leaves no empty folder behind.
+    """
     storage = storage or os.environ.get("SEGSEARCH_STORAGE") or "segsearch-runs"
     if "://" in storage:
         return storage
     path = Path(storage).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
     return str(path)
+
+
+def check_writable(path: Path) -> None:
+    """UserError unless `path` is, or can be made as, a writable folder (probed with a
+    temporary file in its nearest existing folder, which is removed at once)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"storage {path}: {existing} is a file, not a folder; pass another --storage"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(
+            f"storage {path} is not writable ({existing}: {reason}); pass another --storage"
+        ) from None
 
 
 def _sampler(spec: SearchSpec) -> Any:
@@ -331,7 +437,10 @@ def _overlay_batch(dataset: str, spec: SearchSpec) -> dict[str, np.ndarray]:
 
     image_size = spec.fixed.get("image_size")
     val = load_splits(dataset, image_size=tuple(image_size) if image_size else None)["val"]
-    batch = val.limit(OVERLAY_IMAGES).take_batch(OVERLAY_IMAGES, batch_format="numpy")
+    try:
+        batch = val.limit(OVERLAY_IMAGES).take_batch(OVERLAY_IMAGES, batch_format="numpy")
+    except Exception as err:  # a shard that cannot be read or decoded: the data's fault
+        raise UserError(f"reading the val split of {dataset} failed: {last_line(err)}") from None
     return {"image": np.asarray(batch["image"]), "mask": np.asarray(batch["mask"])}
 
 
@@ -348,7 +457,7 @@ def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResul
                 "epochs": metrics.get("training_iteration", 0),
                 "config": result.config or {},
                 "checkpoint": metrics.get("checkpoint_path"),
-                "error": str(result.error) if result.error else None,
+                "error": last_line(result.error) if result.error else None,
                 "history": [] if history is None else history.to_dict("records"),
             }
         )

@@ -20,6 +20,7 @@ from segsearch.checkpoint import save_model, unwrap
 from segsearch.config import OptimConfig, TrialConfig
 from segsearch.data.augment import build_augment
 from segsearch.data.format import DatasetInfo
+from segsearch.errors import UserError, last_line
 from segsearch.losses import build_loss
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
@@ -153,10 +154,24 @@ def _batches(
         local_shuffle_buffer_size=4 * trial.batch_size if training else None,
         local_shuffle_seed=trial.seed if training else None,
     )
-    for batch in batches:
+    for batch in _data_stream(batches):
         image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
         mask = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(device)
         yield image.permute(0, 3, 1, 2).float().div_(255), mask.long()
+
+
+def _data_stream(batches: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The shard's batches; a failure to read or decode them is the data's (Ray Data already
+    retried its tasks), so it becomes a one-line UserError that fails the trial, never retried."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise UserError(f"reading the data failed: {last_line(err)}") from None
+        yield batch
 
 
 @torch.no_grad()

@@ -164,8 +164,21 @@ def log_batch(
 
 
 def end_run(client: MlflowClient, run_id: str, tags: Mapping[str, Any], *, failed: bool) -> None:
+    terminate(client, run_id, tags, status="FAILED" if failed else "FINISHED")
+
+
+def terminate(client: MlflowClient, run_id: str, tags: Mapping[str, Any], *, status: str) -> None:
+    """Tag a run and end it with an MLflow RunStatus (FINISHED, FAILED or KILLED)."""
     log_tags(client, run_id, tags)
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    client.set_terminated(run_id, status=status)
+
+
+def terminate_if_running(
+    client: MlflowClient, run_id: str, tags: Mapping[str, Any], *, status: str
+) -> None:
+    """End a run still RUNNING; a run already ended keeps its status."""
+    if client.get_run(run_id).info.status == "RUNNING":
+        terminate(client, run_id, tags, status=status)
 
 
 @contextlib.contextmanager

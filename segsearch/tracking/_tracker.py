@@ -54,6 +54,8 @@ EPOCH_METRICS = (
 CLASS_IOU_PREFIX = "val_iou_"
 #: Unlogged items named in the closing warning line (all of them are in the returned summary).
 SHOWN_UNLOGGED = 8
+#: `segsearch.status` of a search, or a trial, stopped by Ctrl-C.
+INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,47 @@ class SearchTracker:
         )
         self.writer.flush(force=True)
         unlogged = tuple(self.writer.unlogged)
+        self._close()
+        best_id = best.trial_id if best else None
+        return TrackingSummary(
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id,
+            best_trial_id=best_id,
+            best_run_id=self._children.get(best_id) if best_id else None,
+            model_uri=self._model_uri,
+            unlogged=unlogged,
+        )
+
+    def interrupted(self) -> None:
+        """End the search interrupted (Ctrl-C): its running trial runs and the parent run KILLED,
+        tagged `interrupted`, so it never looks finished; `--resume` reopens them."""
+        self._end_search(status="KILLED", tags={STATUS: INTERRUPTED})
+
+    def failed(self, reason: str) -> None:
+        """End the search that failed before it could finish (bad data met on the driver, Tune
+        set-up): running runs and the parent FAILED, with `reason` (one line) as their error."""
+        self._end_search(status="FAILED", tags={STATUS: "failed", ERROR_TAG: mask(reason)})
+
+    def _end_search(self, *, status: str, tags: Mapping[str, Any]) -> None:
+        """End every run this search left RUNNING with `status`; then the staging folder goes
+        (kept, and named, when something could not be logged)."""
+        for trial_id, run_id in list(self._children.items()):
+            if trial_id in self._ended:
+                continue
+            self.writer.submit(
+                f"trial {trial_id}: end ({status.lower()})",
+                lambda c, run_id=run_id: _runs.terminate_if_running(c, run_id, tags, status=status),
+            )
+        self.writer.submit(
+            f"search run: end ({status.lower()})",
+            lambda c: _runs.terminate(c, self.parent_run_id, tags, status=status),
+        )
+        self.writer.flush(force=True)
+        self._close()
+
+    def _close(self) -> None:
+        """Say what could not be logged (its files kept), else remove the staging folder."""
+        unlogged = tuple(self.writer.unlogged)
         if unlogged:
             shown = "; ".join(unlogged[:SHOWN_UNLOGGED])
             if len(unlogged) > SHOWN_UNLOGGED:
@@ -272,15 +315,6 @@ class SearchTracker:
         else:
             shutil.rmtree(self._staging, ignore_errors=True)
         unregister(self)
-        best_id = best.trial_id if best else None
-        return TrackingSummary(
-            experiment_id=self.experiment_id,
-            parent_run_id=self.parent_run_id,
-            best_trial_id=best_id,
-            best_run_id=self._children.get(best_id) if best_id else None,
-            model_uri=self._model_uri,
-            unlogged=unlogged,
-        )
 
     @contextlib.contextmanager
     def _reported(self, what: str) -> Iterator[None]:
