@@ -18,7 +18,8 @@ from ray.tune import Callback
 from segsearch.capacity import TRIAL_DRIVER_CPUS, check_capacity
 from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
-from segsearch.data.format import DatasetInfo, read_dataset_info
+from segsearch.data.format import DatasetInfo
+from segsearch.data.shards import check_dataset
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.progress import TrialProgress, format_table, print_line
@@ -196,7 +197,7 @@ def run_search(
 
     quiet_ray()
     dataset = absolute_uri(dataset)
-    info = read_dataset_info(dataset)
+    info = check_dataset(dataset)
     check_trial_configs(spec, info)
     storage = resolve_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"

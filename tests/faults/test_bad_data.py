@@ -1,9 +1,8 @@
 """The bad-input table, data rows: each bad dataset or data input, run through the real CLI.
 
 Every row: exit code 2, one line on stderr naming the culprit, no traceback, no dataset that looks
-complete, nothing left in the working directory or the temp folder. Rows marked `late` fail after
-the search has started its tracking run and joined Ray (the shard footers are read by
-`load_splits` on the driver); they check the one line and the untouched dataset only.
+complete, nothing left in the working directory or the temp folder (a search reads every shard
+footer on the driver before it starts Ray or opens a tracking run).
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ class Case:
     names: list[str]
     env: dict[str, str] = field(default_factory=dict)
     dataset: Path | None = None  # a local dataset the call must leave as it was
-    late: bool = False
 
 
 def ingest_case(tmp_path: Path, spoil: Callable[[Path, Path], list[str]]) -> Case:
@@ -84,8 +82,8 @@ def corrupt_parquet(tmp_path: Path, request: pytest.FixtureRequest) -> Case:
     fs, root = filesystem_for(str(dest))
     shard = Path(shard_paths(fs, root, "train")[0])
     shard.write_bytes(shard.read_bytes()[:-100])
-    args = search_case(tmp_path, str(dest), "--address", request.getfixturevalue("ray_cluster"))
-    return Case(args, [str(shard), "not a readable Parquet file"], dataset=dest, late=True)
+    args = search_case(tmp_path, str(dest))
+    return Case(args, [str(shard), "not a readable Parquet file"], dataset=dest)
 
 
 def empty_split(tmp_path: Path, request: pytest.FixtureRequest) -> Case:
@@ -170,6 +168,5 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, request, case) -> None:
         with pytest.raises(Exception, match=r"dataset\.json missing"):
             read_dataset_info(run.args[3])
         assert not Path(run.args[3]).exists()
-    if not run.late:
-        assert not list(cwd.iterdir()) and not list(temp.iterdir())
-        assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not list(cwd.iterdir()) and not list(temp.iterdir())
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
