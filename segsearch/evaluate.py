@@ -71,6 +71,7 @@ class Evaluation:
         images: int,
         classes: Sequence[str],
     ) -> Evaluation:
+        """The scores of a split's confusion counts."""
         scores = counts.compute()
         confusion = np.asarray(scores["matrix"], dtype=np.int64)
         confusion.setflags(write=False)
@@ -163,6 +164,11 @@ def evaluate(
     predictor = MaskPredictor(net, meta).eval().to(pick_device(device))
     run_id = model_run(model_uri, tracking_uri=tracking_uri) if log else None
     counts, images = score(predictor, dataset, split, info=info, batch_size=batch_size)
+    if images != info.splits[split]:
+        raise UserError(
+            f"{dataset}: split {split!r} has {images} images in its shards, dataset.json says "
+            f"{info.splits[split]}; ingest it again"
+        )
     evaluation = Evaluation.from_counts(
         counts,
         model_uri=model_uri,
@@ -173,8 +179,9 @@ def evaluate(
     )
     if run_id is None:
         return evaluation
+    evaluation = dataclasses.replace(evaluation, run_id=run_id)
     log_evaluation(evaluation, run_id=run_id, tracking_uri=tracking_uri)
-    return dataclasses.replace(evaluation, run_id=run_id)
+    return evaluation
 
 
 def score(

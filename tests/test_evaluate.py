@@ -145,7 +145,17 @@ def test_cli_table_json_and_bad_split(checkpoint, dataset, tmp_path, monkeypatch
     three = tmp_path / "three"
     kept = (sample for sample in _samples() if sample[0] != "test")
     write_dataset(three, kept, classes=CLASSES, ignore_index=IGNORE)
+    short = tmp_path / "short"
+    write_dataset(short, _samples(), classes=FOUR, ignore_index=IGNORE)
+    info = json.loads((short / "dataset.json").read_text())
+    (short / "dataset.json").write_text(
+        json.dumps({**info, "splits": {**info["splits"], "test": 5}})
+    )
     cases = [
+        (
+            (str(short),),
+            f"error: {short}: split 'test' has 4 images in its shards, dataset.json says 5",
+        ),
         (
             (dataset, "--split", "holdout"),
             f"error: {dataset} has no split 'holdout'; its splits: test, train, val",
@@ -196,7 +206,7 @@ def test_mlflow_models_get_scores_and_files_on_their_run(checkpoint, dataset, tm
     assert rows[3] == {"class": "blue", "iou": "", "dice": "", "pixels": "0", "predicted": "0"}
     assert float(rows[1]["iou"]) == pytest.approx(expected["iou"][1], abs=1e-6)
     logged = json.loads((local / "evaluation.json").read_text())
-    assert logged["model_uri"] == f"runs:/{run_id}/model" and logged["run_id"] is None
+    assert logged["model_uri"] == f"runs:/{run_id}/model" and logged["run_id"] == run_id
 
     client.create_registered_model("toy-seg")
     model_id = model_uri.removeprefix("models:/")
