@@ -437,3 +437,62 @@ def predict(
         tracking_uri=tracking_uri,
     )
     click.echo(f"wrote {count} masks to {output}")
+
+
+@main.command()
+@click.argument("model_uri")
+@click.argument("dataset")
+@click.option("--split", default="test", show_default=True, help="The dataset split to score.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON, for scripts.")
+@click.option(
+    "--log/--no-log",
+    default=True,
+    show_default=True,
+    help="Log the scores to the MLflow run that logged the model (models:/ and runs:/ URIs).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs.")
+def evaluate(
+    model_uri: str,
+    dataset: str,
+    split: str,
+    as_json: bool,
+    log: bool,
+    batch_size: int,
+    device: str,
+    tracking_uri: str | None,
+) -> None:
+    """Score MODEL_URI on a split of DATASET at the images' own resolution.
+
+    mIoU, per-class IoU, Dice and pixel accuracy, pixels of the dataset's ignore index left out.
+    MODEL_URI: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint
+    directory (local or s3://). A model from MLflow gets metrics <split>_miou, <split>_dice and
+    <split>_pixel_acc on its run (val_native_miou … for val, whose val_miou training logs), and
+    evaluation/<split>/confusion.png, per_class.csv and evaluation.json.
+    """
+    import json
+
+    from segsearch.evaluate import artifact_dir
+    from segsearch.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(
+        model_uri,
+        dataset,
+        split=split,
+        tracking_uri=tracking_uri,
+        batch_size=batch_size,
+        device=device,
+        log=log,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(result.table())
+    if result.run_id is not None:
+        names = ", ".join(result.metrics())
+        click.echo(f"logged to run {result.run_id}: {names}; files in {artifact_dir(split)}/")
+    elif log:
+        click.echo(f"not logged: {model_uri} has no MLflow run (checkpoint folders have none)")

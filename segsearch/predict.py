@@ -9,9 +9,9 @@ with the training mean/std, and the logits are resized back (bilinear) before th
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from segsearch.visualize import overlay as blend
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Item:
@@ -36,11 +38,17 @@ class Item:
 
 def load_predictor(model_uri: str, *, tracking_uri: str | None = None) -> MaskPredictor:
     """A MaskPredictor from models:/…, runs:/… or a checkpoint directory (local or s3://)."""
-    if model_uri.startswith(("models:/", "runs:/")):
-        net, meta = load_logged_model(model_uri, tracking_uri=tracking_uri)
-    else:
-        net, meta = load_model(model_uri)
+    net, meta = load_network(model_uri, tracking_uri=tracking_uri)
     return MaskPredictor(net, meta).eval()
+
+
+def load_network(
+    model_uri: str, *, tracking_uri: str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network (eval mode) and trial.json of models:/…, runs:/… or a checkpoint directory."""
+    if model_uri.startswith(("models:/", "runs:/")):
+        return load_logged_model(model_uri, tracking_uri=tracking_uri)
+    return load_model(model_uri)
 
 
 def predict(
@@ -64,7 +72,8 @@ def predict(
     predictor = load_predictor(model_uri, tracking_uri=tracking_uri).to(target)
     writer = _Writer(dest)
     count = 0
-    for batch in _batches(_chain(first, items), predictor, batch_size):
+    inputs = _chain(first, items)
+    for batch in shape_batches(inputs, lambda item: predictor.input_shape(item.image), batch_size):
         for item, mask in zip(
             batch, predict_masks(predictor, [i.image for i in batch]), strict=True
         ):
@@ -103,7 +112,7 @@ def iter_inputs(source: str) -> Iterator[Item]:
     if kind != pafs.FileType.Directory:
         raise UserError(f"input {source} is not a folder of images or a segsearch dataset")
     if has_info:
-        return _dataset_items(source, filesystem, root)
+        return _dataset_items(source)
     return _folder_items(source, filesystem, root)
 
 
@@ -134,30 +143,40 @@ def _folder_items(source: str, filesystem: Any, root: str) -> Iterator[Item]:
         yield Item(name, _decode(data, path))
 
 
-def _dataset_items(source: str, filesystem: Any, root: str) -> Iterator[Item]:
-    import pyarrow.parquet as pq
-
-    from segsearch.data.format import read_dataset_info, shard_paths
-    from segsearch.data.storage import storage_errors
+def _dataset_items(source: str) -> Iterator[Item]:
+    from segsearch.data.format import read_dataset_info
 
     info = read_dataset_info(source)
     for split in info.splits:
-        with storage_errors(source):
-            shards = shard_paths(filesystem, root, split)
-        for shard in shards:
-            with storage_errors(source), filesystem.open_input_file(shard) as handle:
-                for table in pq.ParquetFile(handle).iter_batches(
-                    batch_size=64, columns=["id", "image"]
-                ):
-                    for sample_id, data in zip(
-                        table.column("id").to_pylist(),
-                        table.column("image").to_pylist(),
-                        strict=True,
-                    ):
-                        name = posixpath.join(split, sample_id)
-                        if sample_id.startswith("/") or ".." in sample_id.split("/"):
-                            raise UserError(f"{shard}: id {sample_id!r} is not a safe file name")
-                        yield Item(name, _decode(data, f"{shard} id {sample_id!r}"))
+        for where, row in split_rows(source, split, columns=("id", "image")):
+            sample_id = row["id"]
+            if sample_id.startswith("/") or ".." in sample_id.split("/"):
+                raise UserError(f"{where}: not a safe file name")
+            yield Item(posixpath.join(split, sample_id), _decode(row["image"], where))
+
+
+def split_rows(
+    source: str, split: str, *, columns: Sequence[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of one split of a dataset as dicts of `columns` (`id` included), in shard order.
+
+    Each comes with where it was read (`<shard> id '<id>'`) for error messages. Read in batches
+    of 64 rows, so a split of any size streams.
+    """
+    import pyarrow.parquet as pq
+
+    from segsearch.data.format import shard_paths
+    from segsearch.data.storage import filesystem_for, storage_errors
+
+    filesystem, root = filesystem_for(source)
+    names = list(dict.fromkeys(["id", *columns]))
+    with storage_errors(source):
+        shards = shard_paths(filesystem, root, split)
+    for shard in shards:
+        with storage_errors(source), filesystem.open_input_file(shard) as handle:
+            for table in pq.ParquetFile(handle).iter_batches(batch_size=64, columns=names):
+                for row in table.to_pylist():
+                    yield f"{shard} id {row['id']!r}", row
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
@@ -176,14 +195,17 @@ def _chain(first: Item, rest: Iterable[Item]) -> Iterator[Item]:
     yield from rest
 
 
-def _batches(items: Iterable[Item], predictor: MaskPredictor, size: int) -> Iterator[list[Item]]:
-    """Runs of up to `size` items whose network inputs have one shape."""
-    batch: list[Item] = []
+def shape_batches(
+    items: Iterable[T], shape: Callable[[T], tuple[int, ...]], size: int
+) -> Iterator[list[T]]:
+    """Runs of up to `size` consecutive items of one `shape` (their network input shape).
+
+    A model with a trained image_size takes full batches whatever the images' sizes; one run at
+    native size batches each run of equal sizes and holds at most one batch in memory.
+    """
+    batch: list[T] = []
     for item in items:
-        if batch and (
-            len(batch) == size
-            or predictor.input_shape(item.image) != predictor.input_shape(batch[0].image)
-        ):
+        if batch and (len(batch) == size or shape(item) != shape(batch[0])):
             yield batch
             batch = []
         batch.append(item)
