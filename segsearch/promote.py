@@ -16,6 +16,7 @@ from typing import Any
 
 from segsearch.errors import UserError
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
+from segsearch.tracking._runs import global_tracking_uri
 
 __all__ = ["Promotion", "promote"]
 
@@ -121,13 +122,15 @@ def promote(
             }
             if fingerprint:
                 tags[FINGERPRINT_TAG] = fingerprint
-            version = client.create_model_version(
-                name=model_name,
-                source=f"models:/{model_id}",
-                run_id=run.info.run_id,
-                tags=tags,
-                model_id=model_id,
-            )
+            # MLflow's SQLite registry resolves the models:/ source through the global URI.
+            with global_tracking_uri(uri):
+                version = client.create_model_version(
+                    name=model_name,
+                    source=f"models:/{model_id}",
+                    run_id=run.info.run_id,
+                    tags=tags,
+                    model_id=model_id,
+                )
         client.set_registered_model_alias(model_name, alias, version.version)
     return Promotion(
         version=version.version,

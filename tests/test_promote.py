@@ -315,3 +315,22 @@ def test_embedded_sqlite_default(tmp_path, monkeypatch, checkpoints):
     np.testing.assert_array_equal(
         read_png(tmp_path / "out" / "masks" / "a.png"), expected_mask(checkpoints[0], image)
     )
+
+
+def test_promote_to_a_sqlite_store_outside_the_working_directory(
+    tmp_path, monkeypatch, checkpoints
+):
+    """MLflow's SQLite registry resolves a `models:/m-…` source through the global tracking URI:
+    promote must register into the store it was given, and create no ./mlflow.db beside it."""
+    store = tmp_path / "store" / "other.db"
+    store.parent.mkdir()
+    uri = f"sqlite:///{store}"
+    make_search(uri, "toy", [Trial("t1", (0.4, 0.5), checkpoints[0])])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    result = promote_cli(uri, "toy", "toy-seg")
+    assert result.exit_code == 0, result.output
+    assert "registered toy-seg version 1" in result.output
+    assert str(MlflowClient(uri).get_model_version_by_alias("toy-seg", "champion").version) == "1"
+    assert not (tmp_path / "mlflow.db").exists()
