@@ -58,15 +58,15 @@ def import_names(distribution: str) -> set[str]:
     }
 
 
-def dependencies_of(requirement: Requirement) -> set[str]:
-    """Distributions an installed requirement itself requires, with the extras asked of it."""
-    found = set()
+def requirements_of(requirement: Requirement) -> list[Requirement]:
+    """What an installed requirement itself requires, with the extras asked of it."""
+    found = []
     for line in md.requires(requirement.name) or []:
         sub = Requirement(line)
         if sub.marker is None or any(
             sub.marker.evaluate({"extra": extra}) for extra in requirement.extras or {""}
         ):
-            found.add(canonicalize_name(sub.name))
+            found.append(sub)
     return found
 
 
@@ -80,7 +80,9 @@ def test_every_imported_module_is_declared_or_comes_with_a_declared_dependency()
     """What segsearch imports is required in pyproject, or (exception types such as aiohttp's,
     pydantic_core's) required by a declared dependency with the extras segsearch asks for."""
     declared = {canonicalize_name(req.name) for req in requirements()}
-    carried = set().union(*(dependencies_of(req) for req in requirements()))
+    carried = {
+        canonicalize_name(sub.name) for req in requirements() for sub in requirements_of(req)
+    }
     providers = md.packages_distributions()
     undeclared = {
         module: providers.get(module)
@@ -88,6 +90,16 @@ def test_every_imported_module_is_declared_or_comes_with_a_declared_dependency()
         if not {canonicalize_name(d) for d in providers.get(module, [])} & (declared | carried)
     }
     assert not undeclared, f"imported by segsearch/ but not required: {undeclared}"
+
+
+def test_the_installed_releases_meet_the_bounds() -> None:
+    """CI tests what is installed: the bounds must admit it, and what the extras asked of it need
+    (so the wheel test can install with --no-deps)."""
+    for req in requirements():
+        assert req.specifier.contains(md.version(req.name), prereleases=True), req
+        for sub in requirements_of(req):
+            installed = md.version(sub.name)
+            assert sub.specifier.contains(installed, prereleases=True), (req, sub, installed)
 
 
 def test_the_import_check_sees_lazy_imports_and_names_that_differ() -> None:
