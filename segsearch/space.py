@@ -203,11 +203,14 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def packaged_space(filename: str) -> Path:
-    """A space shipped with segsearch (the repository's search_spaces/ folder)."""
-    path = Path(__file__).resolve().parent.parent / "search_spaces" / filename
-    if not path.exists():
-        raise UserError(f"{filename}: not found in {path.parent}; pass a space file explicitly")
-    return path
+    """A space shipped with segsearch: in an installed package its `search_spaces/` folder (the
+    wheel copies the repository's there), in a source checkout the repository's `search_spaces/`."""
+    package = Path(__file__).resolve().parent
+    folders = (package / "search_spaces", package.parent / "search_spaces")
+    for folder in folders:
+        if (folder / filename).is_file():
+            return folder / filename
+    raise UserError(f"{filename}: not found in {folders[0]}; pass a space file explicitly")
 
 
 def load_space(path: str | Path) -> SearchSpec:

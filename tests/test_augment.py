@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segsearch.data.augment import build_augment
+from segsearch.data.augment import _adjust_brightness, _adjust_contrast, build_augment
 from segsearch.errors import UserError
 
 IGNORE = 255
@@ -167,6 +167,21 @@ def test_color_touches_the_image_only() -> None:
     assert out_mask is mask
     assert not torch.allclose(out_image, image)
     assert out_image.min() >= 0 and out_image.max() <= 1
+
+
+def test_contrast_blends_towards_the_luma_mean_and_brightness_adds_within_0_1() -> None:
+    rgb = torch.tensor([0.2, 0.6, 1.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    luma = 0.299 * 0.2 + 0.587 * 0.6 + 0.114 * 1.0
+    out = _adjust_contrast(rgb, torch.tensor([0.5, 1.5]))
+    assert torch.allclose(out[0, :, 0, 0], 0.5 * torch.tensor([0.2, 0.6, 1.0]) + 0.5 * luma)
+    assert torch.allclose(
+        out[1, :, 0, 0], (1.5 * torch.tensor([0.2, 0.6, 1.0]) - 0.5 * luma).clamp(0, 1)
+    )
+    gray = torch.tensor([0.0, 0.4]).view(1, 1, 1, 2)
+    assert torch.allclose(_adjust_contrast(gray, torch.tensor([0.0])), torch.full_like(gray, 0.2))
+    shifted = _adjust_brightness(rgb, torch.tensor([0.1, -0.3]))
+    assert torch.allclose(shifted[0, :, 0, 0], torch.tensor([0.3, 0.7, 1.0]))
+    assert torch.allclose(shifted[1, :, 0, 0], torch.tensor([0.0, 0.3, 0.7]))
 
 
 def test_same_seed_same_batch_other_seed_other_batch() -> None:

@@ -3,9 +3,9 @@
 All geometry (flips, translation jitter, scale + crop, elastic deformation) is folded into a single
 sampling grid per sample, so the image is resampled once (bilinear, zeros outside the frame) and the
 mask once with the very same grid (nearest; `ignore_index` wherever the grid leaves the frame). The
-random parameters come from an optional `torch.Generator`, which kornia's augmentation modules do
-not accept, so the same seed gives the same batch. Colour jitter (kornia.enhance) touches the image
-only. Images are float in 0..1, as `segsearch.train` feeds them.
+random parameters come from an optional `torch.Generator`, so the same seed gives the same batch.
+Colour jitter (contrast, then brightness) touches the image only. Images are float in 0..1, as
+`segsearch.train` feeds them.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import kornia.enhance
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from segsearch.validation import Section, integer, number, validate
+
+LUMA = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 weights of R, G, B in an image's grey level (contrast blends towards its mean)."""
 
 
 class Elastic(Section):
@@ -130,10 +132,7 @@ class Augment:
         n = image.shape[0]
         contrast = 1 + self.color * (2 * draw.rand((n,)) - 1)
         brightness = self.color * (2 * draw.rand((n,)) - 1)
-        image = kornia.enhance.adjust_contrast_with_mean_subtraction(
-            image, contrast.to(image.device, image.dtype)
-        )
-        return kornia.enhance.adjust_brightness(image, brightness.to(image.device, image.dtype))
+        return _adjust_brightness(_adjust_contrast(image, contrast), brightness)
 
 
 def build_augment(aug_cfg: AugConfig | Mapping[str, Any], *, ignore_index: int = 255) -> Augment:
@@ -167,6 +166,25 @@ class _Draw:
     def randint(self, high: int, shape: tuple[int, ...]) -> torch.Tensor:
         values = torch.randint(high, shape, generator=self.generator, device=self._source)
         return values.to(self.device, torch.float32)
+
+
+def _adjust_contrast(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image (N,C,H,W) with its mean grey level by `factor` (N,): 1 keeps it, 0 is flat.
+
+    The grey level of an RGB image is its BT.601 luma, of any other its mean over channels.
+    """
+    factor = factor.to(image.device, image.dtype).view(-1, 1, 1, 1)
+    if image.shape[1] == 3:
+        weights = torch.tensor(LUMA, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+        mean = (image * weights).sum(1, keepdim=True).mean((-2, -1), keepdim=True)
+    else:
+        mean = image.mean((1, 2, 3), keepdim=True)
+    return (image * factor + mean * (1 - factor)).clamp(0, 1)
+
+
+def _adjust_brightness(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Add `shift` (N,) to every pixel of each image, kept in 0..1."""
+    return (image + shift.to(image.device, image.dtype).view(-1, 1, 1, 1)).clamp(0, 1)
 
 
 def _pixel_centres(size: int, device: torch.device) -> torch.Tensor:
