@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ HEALTH_TIMEOUT_S = 3
 TRIES_ON_THE_WAY = 3
 #: MLflow's client retries a dead server for minutes per call by default; the tracker retries on
 #: its own schedule instead, so each call gives up within CALL_TIMEOUT_S. MLflow reads these from
-#: the environment at each request, so they are set in this process while a tracker is open,
-#: only where the user has not set them, and removed when the last open tracker closes.
+#: the environment at each request, so they are set in this process while a writer is open,
+#: only where the user has not set them, and removed when the last open one is closed (or gone).
 BOUNDED_REQUESTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CALL_TIMEOUT_S),
@@ -94,6 +95,7 @@ class Writer:
         self._closed = False
         self._thread: threading.Thread | None = None
         _BOUNDED.acquire()
+        self._release_bounded = weakref.finalize(self, _BOUNDED.release)
 
     def now(self, call: Callable[[MlflowClient], Any]) -> Any:
         """Run one call on the caller's thread and let its error propagate.
@@ -143,7 +145,7 @@ class Writer:
                 return
             self._closed = True
             self._changed.notify_all()
-        _BOUNDED.release()
+        self._release_bounded()
 
     def note_dropped(self, what: str) -> None:
         """List something that will never be logged (with why): a file that could not be made."""
