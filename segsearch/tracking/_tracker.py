@@ -56,8 +56,10 @@ EPOCH_METRICS = (
 CLASS_IOU_PREFIX = "val_iou_"
 #: Unlogged items named in the closing warning line (all of them are in the returned summary).
 SHOWN_UNLOGGED = 8
-#: How long `finish` waits in all for queued MLflow calls before it lists them as not logged.
-FINISH_WAIT_S = 30.0
+#: How long `finish` waits in all for queued MLflow calls (the best model among them) before it
+#: lists them as not logged. Only a store that answers, slowly, takes that long: while it is down
+#: or hangs, `finish` stops waiting after one more try (CALL_TIMEOUT_S + HEALTH_TIMEOUT_S).
+FINISH_WAIT_S = 300.0
 
 
 @dataclass(frozen=True)
