@@ -34,7 +34,11 @@ def unregister(tracker: SearchTracker) -> None:
 
 
 class TrackingCallback(Callback):
-    """Relays Tune's trial events to a SearchTracker; never raises into Tune."""
+    """Relays Tune's trial events to a SearchTracker; never raises into Tune, never waits on MLflow.
+
+    The tracker only queues MLflow calls here (its writer thread runs them), so an event returns
+    at once even while the tracking server hangs.
+    """
 
     def __init__(self, tracker: SearchTracker) -> None:
         self.tracker = tracker
@@ -60,17 +64,13 @@ class TrackingCallback(Callback):
         with self._guard(trial):
             self.tracker.trial_ended(trial.trial_id, trial.last_result or {}, _error_of(trial))
 
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        with self._guard(None):
-            self.tracker.writer.flush()
-
     @contextlib.contextmanager
     def _guard(self, trial: Any) -> Iterator[None]:
         try:
             yield
         except Exception as err:
-            where = f"trial {trial.trial_id}" if trial is not None else "search"
-            self.tracker.writer.dropped.append(f"{where}: event ({first_line(err)})")
+            where = f"trial {trial.trial_id}"
+            self.tracker.writer.note_dropped(f"{where}: event ({first_line(err)})")
             self.tracker.writer.echo(f"warning: tracking {where} failed: {first_line(err)}")
 
 

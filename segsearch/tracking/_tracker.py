@@ -1,8 +1,10 @@
 """A search in MLflow: one experiment per search name, a parent run, a nested child run per trial.
 
-Everything is logged from the Tune driver (a Tune callback), so a store has one writer. Runs are
-found again by tags (`segsearch.search` on the parent, `segsearch.trial_id` on each child), so a
-resumed search continues its runs instead of making new ones.
+Trial events come from the Tune driver (a Tune callback), which only queues the MLflow calls: the
+writer's one background thread runs them (see _writer.py), so a store has one writer and training
+never waits on MLflow. Runs are found again by tags (`segsearch.search` on the parent,
+`segsearch.trial_id` on each child), so a resumed search continues its runs instead of making new
+ones.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ CLASS_IOU_PREFIX = "val_iou_"
 SHOWN_UNLOGGED = 8
 #: `segsearch.status` of a search, or a trial, stopped by Ctrl-C.
 INTERRUPTED = "interrupted"
+#: How long `finish` waits in all for queued MLflow calls (the best model among them) before it
+#: lists them as not logged. Only a store that answers, slowly, takes that long: while it is down
+#: or hangs, `finish` stops waiting after one more try (CALL_TIMEOUT_S + HEALTH_TIMEOUT_S).
+FINISH_WAIT_S = 300.0
+#: How long a search that was interrupted or failed waits for MLflow to take its last calls:
+#: the user is waiting at a prompt, and what does not make it is listed, its files kept.
+ABORT_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class SearchTracker:
         self._children = children
         self._staging = staging
         self._steps: dict[str, int] = {}
+        self._started: set[str] = set()
         self._ended: set[str] = set()
         self._model_uri: str | None = None
 
@@ -125,6 +135,7 @@ class SearchTracker:
         staging = Path(tempfile.mkdtemp(prefix="segsearch-tracking-"))
         params = {"dataset": dataset_uri, **plain_data(settings)}
         params.setdefault("epochs", epochs)
+        writer: Writer | None = None
         try:
             writer = Writer(uri, echo=echo, retry_every_s=retry_every_s)
             experiment_id = writer.now(lambda c: _runs.experiment_for(c, search_name))
@@ -139,6 +150,8 @@ class SearchTracker:
                 writer.now(lambda c, path=path: c.log_artifact(parent_id, str(path)))
             children = writer.now(lambda c: _runs.children_of(c, experiment_id, parent_id))
         except Exception as err:
+            if writer is not None:
+                writer.close()
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(err, UserError):
                 raise
@@ -168,7 +181,8 @@ class SearchTracker:
         return TrackingCallback(self)
 
     def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
-        """Open the trial's child run (or reopen it) and log its params."""
+        """Queue: open the trial's child run (or reopen it) and log its params."""
+        self._started.add(trial_id)
         params = {**config}
         params.setdefault("epochs", self.epochs)
 
@@ -186,7 +200,10 @@ class SearchTracker:
         self.writer.submit(f"trial {trial_id}: run and params", open_run)
 
     def trial_result(self, trial_id: str, result: Mapping[str, Any], filesystem: Any) -> None:
-        """Log an epoch's metrics (step = epoch) and its checkpoint's pictures."""
+        """Queue an epoch's metrics (step = epoch) and its checkpoint's pictures.
+
+        The pictures are copied now: Train keeps only the last checkpoints.
+        """
         step = epoch_of(dict(result))
         if self._steps.get(trial_id) == step:
             return
@@ -210,38 +227,65 @@ class SearchTracker:
                 ),
             )
 
-    def trial_ended(self, trial_id: str, last: Mapping[str, Any], error: str | None) -> None:
-        """Tag how the trial ended (completed, stopped_early, error) and end its run.
+    def trial_ended(
+        self,
+        trial_id: str,
+        last: Mapping[str, Any],
+        error: str | None,
+        *,
+        only_if_running: bool = False,
+    ) -> None:
+        """Queue: tag how the trial ended (completed, stopped_early, error) and end its run.
 
         `error` is the failure's text (a traceback): its last line becomes a tag, the whole of
-        it (secrets masked) the run's error.txt.
+        it (secrets masked) the run's error.txt. With `only_if_running`, a run that MLflow no
+        longer has RUNNING (ended by an earlier process) is left as it is.
         """
         status = end_status(dict(last), epochs=self.epochs, failed=error is not None)
         tags = {STATUS: status, "segsearch.epochs_run": epoch_of(dict(last))}
+
+        def run_to_end(client: MlflowClient) -> str | None:
+            run_id = self._run(trial_id)
+            if only_if_running and client.get_run(run_id).info.status != "RUNNING":
+                return None
+            return run_id
+
         if error is not None:
             tags[ERROR_TAG] = error_text(error)
             path = self._staging / trial_id / "error.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(mask(error))
-            self.writer.submit(
-                f"trial {trial_id}: artifact error.txt",
-                lambda c: c.log_artifact(self._run(trial_id), str(path)),
-            )
+
+            def log_error(client: MlflowClient) -> None:
+                if run_id := run_to_end(client):
+                    client.log_artifact(run_id, str(path))
+
+            self.writer.submit(f"trial {trial_id}: artifact error.txt", log_error)
+
+        def end(client: MlflowClient) -> None:
+            if run_id := run_to_end(client):
+                _runs.end_run(client, run_id, tags, failed=error is not None)
+
         self._ended.add(trial_id)
-        self.writer.submit(
-            f"trial {trial_id}: end ({status})",
-            lambda c: _runs.end_run(c, self._run(trial_id), tags, failed=error is not None),
-        )
+        self.writer.submit(f"trial {trial_id}: end ({status})", end)
 
     def finish(
-        self, results: Any, *, metric: str, mode: str = "max", study: Any = None
+        self,
+        results: Any,
+        *,
+        metric: str,
+        mode: str = "max",
+        study: Any = None,
+        wait_s: float = FINISH_WAIT_S,
     ) -> TrackingSummary:
         """Log the best trial and its model, the search pictures and table; end the parent run.
 
-        Never raises for MLflow failures: the search itself is done. What could not be logged is
-        in the summary's `unlogged` and in one warning line.
+        Never raises for MLflow failures: the search itself is done. It waits at most `wait_s`
+        in all for MLflow; what could not be logged by then is in the summary's `unlogged` and
+        in one warning line, its files kept in the staging folder.
         """
-        self.writer.flush(force=True)
+        deadline = time.monotonic() + wait_s
+        self.drain(wait_s)
         outcomes = sorted(
             (outcome_of(result, epochs=self.epochs) for result in results),
             key=lambda o: o.trial_id,
@@ -261,7 +305,8 @@ class SearchTracker:
                 c, self.parent_run_id, {STATUS: "failed" if failed else "finished"}, failed=failed
             ),
         )
-        self.writer.flush(force=True)
+        self.drain(max(0.0, deadline - time.monotonic()))
+        self.writer.close()
         unlogged = tuple(self.writer.unlogged)
         self._close()
         best_id = best.trial_id if best else None
@@ -298,7 +343,8 @@ class SearchTracker:
             f"search run: end ({status.lower()})",
             lambda c: _runs.terminate(c, self.parent_run_id, tags, status=status),
         )
-        self.writer.flush(force=True)
+        self.drain(ABORT_WAIT_S)
+        self.writer.close()
         self._close()
 
     def _close(self) -> None:
@@ -316,13 +362,20 @@ class SearchTracker:
             shutil.rmtree(self._staging, ignore_errors=True)
         unregister(self)
 
+    def drain(self, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until every queued MLflow call is done; True when all are.
+
+        While the store is down, it is tried once more and this returns when that fails too.
+        """
+        return self.writer.drain(timeout_s)
+
     @contextlib.contextmanager
     def _reported(self, what: str) -> Iterator[None]:
         """Preparing something to log failed: list it as not logged and carry on."""
         try:
             yield
         except Exception as err:
-            self.writer.dropped.append(f"{what} ({first_line(err)})")
+            self.writer.note_dropped(f"{what} ({first_line(err)})")
             self.writer.echo(f"warning: tracking could not prepare {what}: {first_line(err)}")
 
     def _run(self, trial_id: str) -> str:
@@ -335,15 +388,11 @@ class SearchTracker:
         trial_id = outcome.trial_id
         if not trial_id or trial_id in self._ended:  # no id: it never reported anything
             return
-        run_id = self._children.get(trial_id)
-        if run_id is None:
+        known = trial_id in self._started or trial_id in self._children
+        if not known:
             self.trial_started(trial_id, outcome.config)
             self.trial_result(trial_id, outcome.metrics, outcome.filesystem)
-        else:
-            with contextlib.suppress(Exception):
-                if self.writer.now(lambda c: c.get_run(run_id).info.status) != "RUNNING":
-                    return
-        self.trial_ended(trial_id, outcome.metrics, outcome.error)
+        self.trial_ended(trial_id, outcome.metrics, outcome.error, only_if_running=known)
 
     def _record_best(self, best: TrialOutcome, metric: str) -> None:
         """Tag the best trial on the parent run and its own run; log its model to its run."""
