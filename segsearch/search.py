@@ -25,6 +25,8 @@ from segsearch.tracking import SearchTracker
 DATA_CPU_RESERVE = 1.0
 #: Validation images drawn in each trial's overlay picture.
 OVERLAY_IMAGES = 4
+#: A trial's result history as Tune writes it in the trial's folder.
+TRIAL_HISTORY_FILES = ("result.json", "progress.csv")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,28 @@ class ReleasePlacementGroups(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         _release((trial.last_result or {}).get("placement_group"))
+
+
+class KeepTrialHistory(Callback):
+    """Brings back a resumed trial's earlier results before Tune appends new ones to them.
+
+    Tune appends every result to result.json and progress.csv in a staging folder on the driver
+    and uploads that folder over the trial's folder in storage. A resumed search (a fresh Ray, or
+    another machine) starts with an empty staging folder, so without this the upload replaced the
+    trial's earlier epochs with the ones after the resume.
+    """
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        import pyarrow.fs
+
+        trial.init_local_path()
+        filesystem = trial.storage.storage_filesystem
+        for name in TRIAL_HISTORY_FILES:
+            local = Path(trial.local_path, name)
+            remote = f"{trial.storage.trial_fs_path}/{name}"
+            stored = filesystem.get_file_info(remote).type == pyarrow.fs.FileType.File
+            if stored and not local.exists():
+                pyarrow.fs.copy_files(remote, str(local), source_filesystem=filesystem)
 
 
 def _release(group_id: str | None) -> None:
@@ -226,6 +250,7 @@ def run_search(
                     TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
                     tracker.tune_callback(),
                     ReleasePlacementGroups(),
+                    KeepTrialHistory(),
                 ],
                 verbose=0,
             ),

@@ -32,6 +32,9 @@ def test_twenty_trials_four_at_a_time_are_all_accounted_for(tmp_path):
         scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
         sampler={"kind": "random", "seed": 0},
         fixed={"batch_size": 8, "image_size": [16, 16], "model.depth": 2},
+        # Half-CPU workers: 4 trials x (1 CPU trial driver + 0.5) leave 2 of the local Ray's 8
+        # logical CPUs to Ray Data. With 1-CPU workers they take all 8 and no trial ever gets data.
+        resources={"workers": 1, "cpus_per_worker": 0.5},
     )
     space["space"]["model.width"] = {"choice": [4]}
     space_file = tmp_path / "load.yaml"
