@@ -101,9 +101,12 @@ class KeepTrialHistory(Callback):
         for name in TRIAL_HISTORY_FILES:
             local = Path(trial.local_path, name)
             remote = f"{trial.storage.trial_fs_path}/{name}"
-            stored = filesystem.get_file_info(remote).type == pyarrow.fs.FileType.File
-            if stored and not local.exists():
-                pyarrow.fs.copy_files(remote, str(local), source_filesystem=filesystem)
+            try:
+                stored = filesystem.get_file_info(remote).type == pyarrow.fs.FileType.File
+                if stored and not local.exists():
+                    pyarrow.fs.copy_files(remote, str(local), source_filesystem=filesystem)
+            except OSError as err:  # storage unreachable: say so, and let the search go on
+                print_line(f"warning: trial {trial.trial_id}: earlier {name} not restored ({err})")
 
 
 def _release(group_id: str | None) -> None:

@@ -23,7 +23,10 @@ from tests.faults import searchproc
 from tests.test_search import tiny_space
 
 EVENT = re.compile(r"^trial (\S+) (started|epoch (\d+)/\d+|finished)")
-RESUME_TIMEOUT_S = 600
+RESUME_TIMEOUT_S = 900
+#: Two searches, each starting its own Ray: minutes alone, far longer on a machine shared with
+#: other Ray tests.
+SHARED_MACHINE_TIMEOUT_S = 2400
 #: A row of the final table: trial id, score, epochs.
 TABLE_ROW = re.compile(r"^([0-9a-f]{8}(?:_\d+)?)\s+(nan|\d\.\d{4})\s+\d+\s", re.MULTILINE)
 
@@ -102,6 +105,7 @@ def _train_workers() -> list[int]:
     ]
 
 
+@pytest.mark.timeout(SHARED_MACHINE_TIMEOUT_S)
 def test_a_killed_driver_resumes_on_a_fresh_ray_with_s3_storage(s3_dataset, s3_bucket, tmp_path):
     """Kill the CLI and its local Ray as a trial finishes and the next one starts (two in flight);
     `--resume` on a new local Ray runs exactly the requested trials, no epoch twice, with

@@ -6,6 +6,7 @@ import re
 import threading
 import time
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -14,13 +15,14 @@ from tests.faults import searchproc
 from tests.test_search import tiny_space
 
 TRIALS, CONCURRENT = 20, 4
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 1800
 SAMPLE_EVERY_S = 0.5
 #: How a trial's end is printed: finished, stopped early after epoch k, failed: <why>.
 ENDED = re.compile(r"^trial (\S+) (finished|stopped early after epoch \d+|failed: .+)$", re.M)
 ENDINGS = {"completed", "stopped_early", "error"}
 
 
+@pytest.mark.timeout(RUN_TIMEOUT_S + 300)
 def test_twenty_trials_four_at_a_time_are_all_accounted_for(tmp_path):
     dataset = str(tmp_path / "data")
     make_demo_dataset(dataset, n_train=16, n_val=8, size=(16, 16), seed=2)
@@ -59,11 +61,11 @@ def test_twenty_trials_four_at_a_time_are_all_accounted_for(tmp_path):
     finally:
         peak.stop()
         searchproc.kill_all(run, "load")
-    print(
-        f"load: {TRIALS} trials, {CONCURRENT} at a time, {time.monotonic() - started:.0f} s, "
-        f"peak memory of the search's processes: RSS {peak.rss / 2**30:.2f} GiB, "
-        f"PSS {peak.pss / 2**30:.2f} GiB ({peak.processes} processes)"
-    )
+        print(
+            f"load: {TRIALS} trials, {CONCURRENT} at a time, {time.monotonic() - started:.0f} s, "
+            f"peak memory of the search's processes: RSS {peak.rss / 2**30:.2f} GiB, "
+            f"PSS {peak.pss / 2**30:.2f} GiB ({peak.processes} processes)"
+        )
     assert run.returncode == 0, output[-3000:]
 
     ended = dict(ENDED.findall(output))
