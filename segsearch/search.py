@@ -44,6 +44,10 @@ class SearchInterrupted(Exception):
         self.experiment_path = experiment_path
 
 
+#: A trial's result history as Tune writes it in the trial's folder.
+TRIAL_HISTORY_FILES = ("result.json", "progress.csv")
+
+
 @dataclass(frozen=True)
 class TrialContext:
     """What every trial of one search shares; shipped once through the object store."""
@@ -97,6 +101,31 @@ class ReleasePlacementGroups(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         _release((trial.last_result or {}).get("placement_group"))
+
+
+class KeepTrialHistory(Callback):
+    """Brings back a resumed trial's earlier results before Tune appends new ones to them.
+
+    Tune appends every result to result.json and progress.csv in a staging folder on the driver
+    and uploads that folder over the trial's folder in storage. A resumed search (a fresh Ray, or
+    another machine) starts with an empty staging folder, so without this the upload replaced the
+    trial's earlier epochs with the ones after the resume.
+    """
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        import pyarrow.fs
+
+        trial.init_local_path()
+        filesystem = trial.storage.storage_filesystem
+        for name in TRIAL_HISTORY_FILES:
+            local = Path(trial.local_path, name)
+            remote = f"{trial.storage.trial_fs_path}/{name}"
+            try:
+                stored = filesystem.get_file_info(remote).type == pyarrow.fs.FileType.File
+                if stored and not local.exists():
+                    pyarrow.fs.copy_files(remote, str(local), source_filesystem=filesystem)
+            except OSError as err:  # storage unreachable: say so, and let the search go on
+                print_line(f"warning: trial {trial.trial_id}: earlier {name} not restored ({err})")
 
 
 def _release(group_id: str | None) -> None:
@@ -303,6 +332,7 @@ def _tuner(
                 TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
                 tracker.tune_callback(),
                 ReleasePlacementGroups(),
+                KeepTrialHistory(),
             ],
             verbose=0,
         ),

@@ -1,0 +1,232 @@
+"""Processes killed mid-search: a Train worker (the trial resumes from its checkpoint) and the
+driver with its local Ray (`--resume` on a fresh Ray finishes exactly the requested trials)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from mlflow import MlflowClient
+from ray.tune.search.optuna import OptunaSearch
+
+from segsearch.data.demo import make_demo_dataset
+from segsearch.search import run_search
+from segsearch.space import parse_space
+from tests.faults import searchproc
+from tests.test_search import tiny_space
+
+EVENT = re.compile(r"^trial (\S+) (started|epoch (\d+)/\d+|finished)")
+RESUME_TIMEOUT_S = 900
+#: Two searches, each starting its own Ray: minutes alone, far longer on a machine shared with
+#: other Ray tests.
+SHARED_MACHINE_TIMEOUT_S = 2400
+#: A row of the final table: trial id, score, epochs.
+TABLE_ROW = re.compile(r"^([0-9a-f]{8}(?:_\d+)?)\s+(nan|\d\.\d{4})\s+\d+\s", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def local_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Images large enough that an epoch lasts a moment, so a kill lands inside one."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    make_demo_dataset(str(root), n_train=64, n_val=8, size=(64, 64), seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(s3_endpoint: str) -> str:
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="fault-resume-data")
+    uri = "s3://fault-resume-data/tiny"
+    make_demo_dataset(uri, n_train=24, n_val=8, size=(32, 32), seed=1)
+    return uri
+
+
+def test_a_killed_train_worker_resumes_from_its_last_checkpoint(
+    ray_cluster, local_dataset, tmp_path
+):
+    """SIGKILL the trial's Train worker after epoch 2: Train restarts it from the epoch-2
+    checkpoint (not epoch 0), and the trial's MLflow run holds each epoch exactly once."""
+    epochs = 4
+    space = tiny_space(
+        "worker-kill",
+        trials=1,
+        epochs=epochs,
+        fixed={"batch_size": 8, "image_size": [64, 64], "model.depth": 2},
+    )
+    space["space"] = {"model.arch": {"choice": ["unet"]}, "model.width": {"choice": [8]}}
+    killed: list[int] = []
+    later_workers: list[int] = []
+
+    def echo(line: str) -> None:
+        event = EVENT.match(line)
+        epoch = int(event.group(3)) if event and event.group(3) else 0
+        if epoch == 2 and not killed:
+            (worker,) = _train_workers()
+            os.kill(worker, signal.SIGKILL)
+            killed.append(worker)
+        elif epoch > 2:
+            later_workers.extend(_train_workers())
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_search(
+        parse_space(space),
+        dataset=local_dataset,
+        storage=str(tmp_path / "runs"),
+        tracking_uri=tracking,
+        echo=echo,
+    )
+
+    (trial,) = result.trials
+    assert killed, "the Train worker was never killed"
+    assert later_workers and killed[0] not in later_workers, "Train did not start a new worker"
+    assert trial["error"] is None
+    assert [row["epoch"] for row in trial["history"]] == list(range(1, epochs + 1))
+    client = MlflowClient(tracking)
+    run_id = _trial_runs(tracking, "worker-kill")[trial["trial_id"]]
+    for metric in ("epoch", "val_miou", "train_loss"):
+        steps = [m.step for m in client.get_metric_history(run_id, metric)]
+        assert sorted(steps) == list(range(1, epochs + 1)), f"{metric} history {steps}"
+    epoch_values = sorted(m.value for m in client.get_metric_history(run_id, "epoch"))
+    assert epoch_values == list(range(1, epochs + 1))
+
+
+def _train_workers() -> list[int]:
+    """This test session's Ray Train workers (Ray titles them ray::RayTrainWorker...)."""
+    return [
+        pid
+        for pid in searchproc.descendants(os.getpid())
+        if "RayTrainWorker" in searchproc.command_line(pid)
+    ]
+
+
+@pytest.mark.timeout(SHARED_MACHINE_TIMEOUT_S)
+def test_a_killed_driver_resumes_on_a_fresh_ray_with_s3_storage(s3_dataset, s3_bucket, tmp_path):
+    """Kill the CLI and its local Ray as a trial finishes and the next one starts (two in flight);
+    `--resume` on a new local Ray runs exactly the requested trials, no epoch twice, with
+    Optuna's history and the MLflow parent run kept."""
+    name, trials, epochs = "driver-kill", 4, 2
+    space_file = tmp_path / "space.yaml"
+    space = tiny_space(name, trials=trials, epochs=epochs, max_concurrent=2)
+    space_file.write_text(yaml.safe_dump(space))
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = f"s3://{s3_bucket}/runs"
+    command = searchproc.search_command(
+        space_file, "--dataset", s3_dataset, "--storage", storage, "--tracking-uri", tracking
+    )
+
+    first = searchproc.start(command, tag="first")
+    try:
+        progress = _run_until_two_in_flight(first)
+    finally:
+        searchproc.kill_all(first, "first")
+    assert progress["finished"] and len(progress["in_flight"]) == 2, progress
+
+    resumed = searchproc.start([*command, "--resume"], tag="resumed")
+    try:
+        output, _ = resumed.communicate(timeout=RESUME_TIMEOUT_S)
+    finally:
+        searchproc.kill_all(resumed, "resumed")
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming search" in output
+
+    table = dict(TABLE_ROW.findall(output))
+    assert len(table) == trials, output[-3000:]
+    assert set(table) >= progress["finished"] | progress["in_flight"]
+    runs = _trial_runs(tracking, name)
+    assert set(runs) == set(table), "MLflow child runs differ from the search's trials"
+    client = MlflowClient(tracking)
+    for trial_id, run_id in runs.items():
+        steps = [m.step for m in client.get_metric_history(run_id, "epoch")]
+        assert sorted(steps) == list(range(1, epochs + 1)), f"trial {trial_id} epochs {steps}"
+    assert len(_search_runs(tracking, name)) == 1, "the resumed search opened a new parent run"
+    history = _tune_history(s3_bucket, f"runs/{name}")
+    assert set(history) == set(table)
+    for trial_id, trained in history.items():
+        assert [epoch for epoch, _ in trained] == list(range(1, epochs + 1)), f"{trial_id} history"
+    scores = {tid: client.get_run(run_id).data.metrics["val_miou"] for tid, run_id in runs.items()}
+    _assert_optuna_knows(s3_bucket, f"runs/{name}", tmp_path / "searcher", scores)
+
+
+def _run_until_two_in_flight(run: subprocess.Popen) -> dict[str, set[str]]:
+    """Read the CLI's progress lines until a trial has finished and two others have started."""
+    started: set[str] = set()
+    finished: set[str] = set()
+    assert run.stdout is not None
+    for line in run.stdout:
+        event = EVENT.match(line)
+        if not event:
+            continue
+        if event.group(2) == "started":
+            started.add(event.group(1))
+        elif event.group(2) == "finished":
+            finished.add(event.group(1))
+        if finished and len(started - finished) == 2:
+            break
+    return {"finished": finished, "in_flight": started - finished}
+
+
+def _assert_optuna_knows(bucket: str, prefix: str, folder: Path, scores: dict) -> None:
+    """The searcher state Tune saved holds every trial as a finished Optuna trial whose value is
+    the trial's last score: the history the next suggestions are drawn from."""
+    import optuna
+
+    s3 = boto3.client("s3")
+    folder.mkdir()
+    for key in _keys(bucket, prefix):
+        if re.fullmatch(rf"{prefix}/searcher-state-[^/]+\.pkl", key):
+            s3.download_file(bucket, key, str(folder / Path(key).name))
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(folder))
+    assert set(searcher._ot_trials) == set(scores)
+    done = searcher._ot_study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == len(scores)
+    values = {ot_trial.number: ot_trial.value for ot_trial in done}
+    for trial_id, ot_trial in searcher._ot_trials.items():
+        assert values[ot_trial.number] == pytest.approx(scores[trial_id]), trial_id
+
+
+def _keys(bucket: str, prefix: str) -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [
+        o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].startswith(prefix)
+    ]
+
+
+def _tune_history(bucket: str, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Trial id → its distinct epochs as (epoch, epoch_time_s), from Tune's result.json files on
+    S3. A trial finished before the kill reports its last result again on resume (same time);
+    an epoch trained twice would have a time of its own."""
+    s3 = boto3.client("s3")
+    history = {}
+    for key in _keys(bucket, prefix):
+        if re.fullmatch(rf"{prefix}/[^/]+/result\.json", key):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            rows = [json.loads(line) for line in body.splitlines() if line.strip()]
+            if rows:
+                history[rows[0]["trial_id"]] = sorted(
+                    {(r["epoch"], r["epoch_time_s"]) for r in rows}
+                )
+    return history
+
+
+def _trial_runs(tracking_uri: str, search: str) -> dict[str, str]:
+    """Trial id → MLflow child run id; fails on a second run for one trial."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(search)
+    runs = client.search_runs([experiment.experiment_id], "tags.`segsearch.role` = 'trial'")
+    trial_ids = [run.data.tags["segsearch.trial_id"] for run in runs]
+    assert len(trial_ids) == len(set(trial_ids)), f"a trial has two MLflow runs: {trial_ids}"
+    return {run.data.tags["segsearch.trial_id"]: run.info.run_id for run in runs}
+
+
+def _search_runs(tracking_uri: str, search: str) -> list[str]:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(search)
+    runs = client.search_runs([experiment.experiment_id], "tags.`segsearch.role` = 'search'")
+    return [run.info.run_id for run in runs]
