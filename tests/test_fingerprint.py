@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from segsearch.data.demo import make_demo_dataset
 from segsearch.data.fingerprint import dataset_fingerprint
+from segsearch.data.format import shard_paths
+from segsearch.data.storage import filesystem_for
 
 SPLITS = ("train", "val")
 
@@ -27,5 +30,6 @@ def test_fingerprint_follows_the_data_not_the_path(tmp_path, monkeypatch, s3_buc
 
     make_demo_dataset(str(copy), n_train=4, n_val=2, size=(16, 16), seed=1, overwrite=True)
     assert dataset_fingerprint(str(copy), SPLITS) != first
-    (original / "val" / "part-00000.parquet").unlink()
+    fs, root = filesystem_for(str(original))
+    Path(shard_paths(fs, root, "val")[0]).unlink()
     assert dataset_fingerprint(str(original), SPLITS) != first

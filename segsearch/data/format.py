@@ -30,6 +30,8 @@ FORMAT = "segsearch/v2"
 #: Written before shards were listed in dataset.json: read by listing the split folders.
 FORMAT_V1 = "segsearch/v1"
 INFO_FILE = "dataset.json"
+#: dataset.json's list of shard files per split (format v2).
+SHARDS_FIELD = "shards"
 REQUIRED_SPLITS = ("train", "val")
 #: A shard of a v1 dataset.
 V1_SHARD_PATTERN = re.compile(r"^part-\d{5}\.parquet$")
@@ -78,7 +80,7 @@ class DatasetInfo:
             "std": list(self.std),
         }
         if self.shards is not None:
-            data["shards"] = {split: list(paths) for split, paths in self.shards.items()}
+            data[SHARDS_FIELD] = {split: list(paths) for split, paths in self.shards.items()}
         return data
 
     def to_json(self) -> str:
@@ -194,7 +196,7 @@ def _parse_shards(
     data: dict[str, Any], splits: dict[str, int], bad: Callable[[str, str], UserError]
 ) -> dict[str, tuple[str, ...]]:
     """v2's shard lists: relative paths inside the split's folder, one list per split."""
-    shards = data.get("shards")
+    shards = data.get(SHARDS_FIELD)
     if not isinstance(shards, dict) or set(shards) != set(splits):
         raise bad("shards", "must map every split to the list of its shard files")
     for split, paths in shards.items():
