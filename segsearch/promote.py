@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from segsearch.errors import UserError
+from segsearch.errors import UserError, first_line
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.tracking.tags import (
     DATASET,
@@ -314,6 +314,4 @@ def _mlflow_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as err:
-        text = (err.message or str(err)).strip()
-        line = text.splitlines()[0] if text else type(err).__name__
-        raise UserError(f"MLflow at {uri}: {line}") from None
+        raise UserError(f"MLflow at {uri}: {first_line(err)}") from None
