@@ -352,7 +352,7 @@ def follow(job_id: str, *, address: str, echo: Echo = print, check: bool = True)
             ) from None
         except (RuntimeError, aiohttp.ClientError) as err:
             raise UserError(
-                f"lost the log stream of job {job_id} ({_one_line(err)}); "
+                f"lost the log stream of job {job_id} ({_whitespace_collapsed(err)}); "
                 f"`segsearch logs {job_id} --follow` streams it again"
             ) from None
         info = _job_info(client, job_id, address)
@@ -411,7 +411,9 @@ def _connected(address: str):
     except AuthenticationError as err:
         raise UserError(_auth_message(address, str(err))) from None
     except (ConnectionError, requests.exceptions.ConnectionError) as err:
-        raise UserError(f"Ray dashboard at {address} stopped answering: {_one_line(err)}") from None
+        raise UserError(
+            f"Ray dashboard at {address} stopped answering: {_whitespace_collapsed(err)}"
+        ) from None
 
 
 def _probe(address: str) -> None:
@@ -495,5 +497,6 @@ def headline(message: str | None) -> str:
     return first.split(", last available logs", 1)[0].rstrip(":")
 
 
-def _one_line(value: Any) -> str:
+def _whitespace_collapsed(value: Any) -> str:
+    """All of `value` on one line, whitespace collapsed (unlike first_line, nothing is cut)."""
     return " ".join(str(value or "").split())

@@ -14,17 +14,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from segsearch.errors import UserError
+from segsearch.errors import UserError, first_line
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.tracking._runs import global_tracking_uri
+from segsearch.tracking.tags import (
+    DATASET,
+    DATASET_FINGERPRINT,
+    METRIC,
+    METRIC_VALUE,
+    MODE,
+    PARENT_RUN,
+    ROLE,
+    SEARCH,
+    TRIAL,
+    TRIAL_ID,
+    quoted,
+)
 
 __all__ = ["Promotion", "promote"]
 
 MODEL_ARTIFACT = "model"
-ROLE_TAG = "segsearch.role"
-TRIAL_TAG = "segsearch.trial_id"
-TAG_PREFIX = "segsearch."
-FINGERPRINT_TAG = f"{TAG_PREFIX}dataset_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ def promote(
         value = run.data.metrics[metric]
         dataset = _dataset(client, run)
         fingerprint = _fingerprint(client, run)
-        trial = run.data.tags.get(TRIAL_TAG) or run.info.run_name or run.info.run_id
+        trial = run.data.tags.get(TRIAL_ID) or run.info.run_name or run.info.run_id
         current = _alias_version(client, model_name, alias)
         existing = _version_of_run(client, model_name, run.info.run_id)
         common = dict(
@@ -113,15 +122,15 @@ def promote(
         if version is None:
             _ensure_registered_model(client, model_name)
             tags = {
-                f"{TAG_PREFIX}search": search_name,
-                f"{TAG_PREFIX}trial": trial,
-                f"{TAG_PREFIX}metric": metric,
-                f"{TAG_PREFIX}metric_value": repr(value),
-                f"{TAG_PREFIX}mode": mode,
-                f"{TAG_PREFIX}dataset": dataset,
+                SEARCH: search_name,
+                TRIAL: trial,
+                METRIC: metric,
+                METRIC_VALUE: repr(value),
+                MODE: mode,
+                DATASET: dataset,
             }
             if fingerprint:
-                tags[FINGERPRINT_TAG] = fingerprint
+                tags[DATASET_FINGERPRINT] = fingerprint
             # MLflow's SQLite registry resolves the models:/ source through the global URI.
             with global_tracking_uri(uri):
                 version = client.create_model_version(
@@ -148,7 +157,7 @@ def _best_trial(
     runs = _all_runs(
         client,
         experiment_id,
-        f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'FINISHED'",
+        f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
     )
     if not runs:
         raise UserError(f"search {search_name!r} has no finished trial runs yet")
@@ -212,7 +221,7 @@ def _dataset(client: Any, run: Any) -> str:
         if candidate is None:
             continue
         for table in (candidate.data.params, candidate.data.tags):
-            value = table.get("dataset") or table.get(f"{TAG_PREFIX}dataset")
+            value = table.get("dataset") or table.get(DATASET)
             if value:
                 return value
     return ""
@@ -221,21 +230,21 @@ def _dataset(client: Any, run: Any) -> str:
 def _fingerprint(client: Any, run: Any) -> str:
     """The run's dataset fingerprint tag, else its parent search run's; "" when neither has one."""
     for candidate in (run, _parent(client, run)):
-        if candidate is not None and candidate.data.tags.get(FINGERPRINT_TAG):
-            return candidate.data.tags[FINGERPRINT_TAG]
+        if candidate is not None and candidate.data.tags.get(DATASET_FINGERPRINT):
+            return candidate.data.tags[DATASET_FINGERPRINT]
     return ""
 
 
 def _same_dataset(tags: Any, dataset: str, fingerprint: str) -> bool:
     """Same fingerprint when both have one; else (older runs) the same dataset URI."""
-    held = tags.get(FINGERPRINT_TAG)
+    held = tags.get(DATASET_FINGERPRINT)
     if held and fingerprint:
         return held == fingerprint
-    return tags.get(f"{TAG_PREFIX}dataset") == dataset
+    return tags.get(DATASET) == dataset
 
 
 def _parent(client: Any, run: Any) -> Any:
-    parent_id = run.data.tags.get("mlflow.parentRunId")
+    parent_id = run.data.tags.get(PARENT_RUN)
     return client.get_run(parent_id) if parent_id else None
 
 
@@ -252,7 +261,7 @@ def _alias_version(client: Any, model_name: str, alias: str) -> Any:
 
 
 def _version_of_run(client: Any, model_name: str, run_id: str) -> Any:
-    query = f"name = '{_quote(model_name)}' and run_id = '{run_id}'"
+    query = f"name = '{quoted(model_name)}' and run_id = '{run_id}'"
     versions = client.search_model_versions(query)
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
@@ -274,10 +283,10 @@ def _gate(
     """
     tags = current.tags
     dataset, fingerprint = data
-    if tags.get(f"{TAG_PREFIX}metric") != metric or not _same_dataset(tags, dataset, fingerprint):
+    if tags.get(METRIC) != metric or not _same_dataset(tags, dataset, fingerprint):
         return
     try:
-        held = float(tags[f"{TAG_PREFIX}metric_value"])
+        held = float(tags[METRIC_VALUE])
     except (KeyError, ValueError):
         return
     better = held > value if mode == "max" else held < value
@@ -300,10 +309,6 @@ def _ensure_registered_model(client: Any, model_name: str) -> None:
             raise
 
 
-def _quote(text: str) -> str:
-    return text.replace("'", "\\'")
-
-
 @contextmanager
 def _mlflow_errors(uri: str) -> Iterator[None]:
     """MLflow failures become one-line UserErrors naming the tracking URI."""
@@ -312,6 +317,4 @@ def _mlflow_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as err:
-        text = (err.message or str(err)).strip()
-        line = text.splitlines()[0] if text else type(err).__name__
-        raise UserError(f"MLflow at {uri}: {line}") from None
+        raise UserError(f"MLflow at {uri}: {first_line(err)}") from None

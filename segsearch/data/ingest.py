@@ -1,53 +1,30 @@
 """Ingest: folders of images and masks (or arrays) → Parquet shards + dataset.json.
 
-Statistics (per-class pixel counts, per-channel mean/std of the train split) are computed in the
-same pass that writes the shards, and dataset.json is written last: a dataset without it is
-visibly incomplete. Any failure removes the shards written so far.
-
-Overwriting never loses the old dataset: the new shards get names of their own (an ingest token),
-the old dataset.json keeps naming the old shards until the new ones are complete, then one write
-of dataset.json switches readers to the new dataset (a rename locally, one PUT on S3), and only
-then are the old shards deleted.
+Orchestration only: `pairing` finds and splits the files, `mask_colors` maps mask colours to class
+ids, `dataset_writer` checks the destination and writes shards, statistics and dataset.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from segsearch.data.format import INFO_FILE, REQUIRED_SPLITS, SCHEMA, SHARD_PATTERN, DatasetInfo
-from segsearch.data.images import (
-    IMAGE_SUFFIXES,
-    encode_png,
-    image_header,
-    read_image_for_storage,
-    read_mask_file,
-)
-from segsearch.data.storage import (
-    check_bucket,
-    filesystem_for,
-    join,
-    storage_error,
-    storage_errors,
-)
+from segsearch.data.dataset_writer import Destination, Row, WriteOptions, write_rows
+from segsearch.data.format import DatasetInfo
+from segsearch.data.images import read_image_for_storage
+from segsearch.data.mask_colors import MaskMapper, parse_colors
+from segsearch.data.pairing import Pair, check_headers, pair_files
 from segsearch.errors import UserError
+
+__all__ = ["Sample", "ingest", "parse_colors", "write_dataset"]
 
 #: (split, id, image H×W×C uint8, mask H×W uint8 of class ids)
 Sample = tuple[str, str, np.ndarray, np.ndarray]
-
-ROW_GROUP_ROWS = 64
-ROW_GROUP_BYTES = 32 * 2**20
 
 
 def write_dataset(
@@ -60,10 +37,10 @@ def write_dataset(
     overwrite: bool = False,
 ) -> DatasetInfo:
     """Write samples as a dataset at `dest` (local folder or s3://); dataset.json comes last."""
-    options = _Options.make(classes, ignore_index, shard_size_mb)
-    destination = _Destination.check(os.fspath(dest), overwrite=overwrite)
+    options = WriteOptions.make(classes, ignore_index, shard_size_mb)
+    destination = Destination.check(os.fspath(dest), overwrite=overwrite)
     rows = (_sample_row(sample) for sample in samples)
-    return _write(destination, rows, options, channels=None)
+    return write_rows(destination, rows, options, channels=None)
 
 
 def ingest(
@@ -88,541 +65,29 @@ def ingest(
     """
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",")]
-    options = _Options.make(classes, ignore_index, shard_size_mb)
+    options = WriteOptions.make(classes, ignore_index, shard_size_mb)
     palette = parse_colors(colors, num_classes=len(options.classes)) if colors else None
     if not 0 < val_fraction < 1:
         raise UserError(f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    destination = _Destination.check(os.fspath(dest), overwrite=overwrite)
-    pairs = _pair_files(Path(images), Path(masks), val_fraction=val_fraction, seed=seed)
-    channels = _check_headers(pairs)
-    mapper = _MaskMapper(palette, options.num_classes, options.ignore_index)
+    destination = Destination.check(os.fspath(dest), overwrite=overwrite)
+    pairs = pair_files(Path(images), Path(masks), val_fraction=val_fraction, seed=seed)
+    channels = check_headers(pairs)
+    mapper = MaskMapper(palette, options.num_classes, options.ignore_index)
     rows = _ordered_map(lambda pair: _file_row(pair, mapper, channels), pairs)
     if progress and sys.stderr.isatty():
         rows = _with_progress(rows, len(pairs))
-    return _write(destination, rows, options, channels=channels)
+    return write_rows(destination, rows, options, channels=channels)
 
 
-def parse_colors(colors: Sequence[str] | str, *, num_classes: int) -> _Palette:
-    """Parse "r,g,b;r,g,b;..." (RGB masks) or "v;v;..." (grey masks): one colour per class."""
-    entries = colors.split(";") if isinstance(colors, str) else list(colors)
-    parsed = []
-    for entry in entries:
-        try:
-            values = tuple(int(v) for v in str(entry).split(","))
-        except ValueError:
-            raise UserError(f"--colors: {entry!r} is not 'r,g,b' or a grey value 'v'") from None
-        if len(values) not in (1, 3) or not all(0 <= v <= 255 for v in values):
-            raise UserError(f"--colors: {entry!r} must be 'r,g,b' or 'v' with values in 0..255")
-        parsed.append(values)
-    if len(parsed) != num_classes:
-        raise UserError(f"--colors gives {len(parsed)} colours for {num_classes} classes")
-    if len({len(v) for v in parsed}) != 1:
-        raise UserError("--colors: use all RGB colours ('r,g,b') or all grey values ('v')")
-    if len(set(parsed)) != len(parsed):
-        raise UserError("--colors: each class needs its own colour")
-    return _Palette(colors=tuple(parsed))
-
-
-@dataclass(frozen=True)
-class _Palette:
-    colors: tuple[tuple[int, ...], ...]
-
-    @property
-    def rgb(self) -> bool:
-        return len(self.colors[0]) == 3
-
-
-@dataclass(frozen=True)
-class _Options:
-    classes: tuple[str, ...]
-    ignore_index: int
-    shard_bytes: int
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @classmethod
-    def make(cls, classes: Sequence[str], ignore_index: int, shard_size_mb: float) -> _Options:
-        classes = tuple(classes)
-        if not classes or not all(isinstance(c, str) and c for c in classes):
-            raise UserError(f"--classes must name at least one class, got {list(classes)}")
-        if len(set(classes)) != len(classes):
-            raise UserError(f"--classes has a name twice: {list(classes)}")
-        if not len(classes) <= ignore_index <= 255:
-            raise UserError(
-                f"ignore index must be in {len(classes)}..255 (not a class id), got {ignore_index}"
-            )
-        if not shard_size_mb > 0:
-            raise UserError(f"shard size must be positive, got {shard_size_mb} MB")
-        return cls(classes, ignore_index, int(shard_size_mb * 2**20))
-
-
-@dataclass
-class _Row:
-    """One sample on its way to a shard; `source` names it in error messages."""
-
-    split: str
-    id: str
-    image: np.ndarray
-    mask: np.ndarray
-    image_bytes: bytes | None
-    source: str
-
-
-# ---- destination -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Destination:
-    """A checked place to write: reachable, and not holding a dataset unless overwriting.
-
-    `old_shards` are the shard files there before this ingest (of the old dataset or of an
-    incomplete ingest): deleted once the new dataset.json is in place, never before.
-    """
-
-    uri: str
-    fs: pafs.FileSystem
-    root: str
-    old_shards: tuple[str, ...]
-
-    @classmethod
-    def check(cls, uri: str, *, overwrite: bool) -> _Destination:
-        fs, root = filesystem_for(uri)
-        check_bucket(uri, fs)
-        with storage_errors(uri):
-            top = fs.get_file_info(root)
-            if top.type == pafs.FileType.File:
-                raise UserError(f"{uri} is a file; DEST must be a folder or an s3:// prefix")
-            info_file = fs.get_file_info(join(root, INFO_FILE))
-            shards = _existing_shards(fs, root) if top.type == pafs.FileType.Directory else []
-        has_info = info_file.type == pafs.FileType.File
-        if has_info and not overwrite:
-            raise UserError(f"{uri} already holds a dataset; pass --overwrite to replace it")
-        if shards and not overwrite:
-            raise UserError(
-                f"{uri} holds shards of an incomplete ingest (no {INFO_FILE}); "
-                "pass --overwrite to replace them"
-            )
-        return cls(uri, fs, root, tuple(shards))
-
-    def remove_old_shards(self) -> None:
-        """After the switch: delete the replaced shards, and split folders left empty. Readers
-        no longer see them, and a later --overwrite removes any left, so a failure here says
-        the new dataset is in place."""
-        try:
-            with storage_errors(self.uri):
-                for path in self.old_shards:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.delete_file(path)
-        except UserError as err:
-            raise UserError(
-                f"the new dataset at {self.uri} is complete, but removing the old shards failed "
-                f"({err}); they are unused and the next --overwrite removes them"
-            ) from None
-        for folder in sorted({path.rsplit("/", 1)[0] for path in self.old_shards}):
-            _remove_empty_dir(self.fs, folder)
-
-
-def _existing_shards(fs: pafs.FileSystem, root: str) -> list[str]:
-    found = []
-    for entry in fs.get_file_info(pafs.FileSelector(root)):
-        if entry.type == pafs.FileType.Directory:
-            for file in fs.get_file_info(pafs.FileSelector(entry.path)):
-                if file.type == pafs.FileType.File and SHARD_PATTERN.match(file.base_name):
-                    found.append(file.path)
-    return sorted(found)
-
-
-# ---- writing -----------------------------------------------------------------------------------
-
-
-def _write(
-    destination: _Destination, rows: Iterable[_Row], options: _Options, *, channels: int | None
-) -> DatasetInfo:
-    writers: dict[str, _SplitWriter] = {}
-    token = uuid.uuid4().hex[:12]
-    stats = _Stats(options.num_classes, options.ignore_index)
-    seen: dict[str, set[str]] = {}
-    local = isinstance(destination.fs, pafs.LocalFileSystem)
-    with storage_errors(destination.uri):
-        root_type = destination.fs.get_file_info(destination.root).type
-    created_root = root_type == pafs.FileType.NotFound
-    try:
-        for row in rows:
-            channels = _check_row(row, options, channels, seen.setdefault(row.split, set()))
-            if row.split not in writers:
-                directory = join(destination.root, row.split)
-                if local:
-                    destination.fs.create_dir(directory)
-                writers[row.split] = _SplitWriter(
-                    destination.fs, directory, options.shard_bytes, token
-                )
-            stats.add(row)
-            image_bytes = row.image_bytes if row.image_bytes is not None else encode_png(row.image)
-            writers[row.split].add(row, image_bytes, encode_png(row.mask))
-        for writer in writers.values():
-            writer.close()
-        counts = {split: len(ids) for split, ids in seen.items()}
-        missing = [s for s in REQUIRED_SPLITS if not counts.get(s)]
-        if missing:
-            raise UserError(f"no samples for the {' and '.join(missing)} split; both are required")
-        shards = {
-            split: writer.relative_paths(destination.root) for split, writer in writers.items()
-        }
-        info = stats.info(options.classes, counts, channels or 1, shards)
-        _write_text(destination.fs, join(destination.root, INFO_FILE), info.to_json(), token)
-    except BaseException as err:
-        if hasattr(rows, "close"):
-            rows.close()  # stop reading files (and the reader threads) now
-        _remove_partial(destination, writers.values(), created_root)
-        if isinstance(err, OSError):
-            raise storage_error(destination.uri, err) from None
-        raise
-    destination.remove_old_shards()
-    return info
-
-
-def _check_row(row: _Row, options: _Options, channels: int | None, ids: set[str]) -> int:
-    image, mask = row.image, row.mask
-    if image.ndim != 3 or image.shape[2] not in (1, 3) or image.dtype != np.uint8:
-        raise UserError(f"{row.source}: image must be H×W×C uint8, C 1 or 3; got {_desc(image)}")
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise UserError(f"{row.source}: mask must be H×W uint8 class ids, got {_desc(mask)}")
-    if image.shape[:2] != mask.shape:
-        raise UserError(
-            f"{row.source}: mask size {_size(mask)} differs from image size {_size(image)}"
-        )
-    if channels is not None and image.shape[2] != channels:
-        raise UserError(
-            f"{row.source}: image has {image.shape[2]} channel(s), earlier images {channels}"
-        )
-    if not row.split or "/" in row.split or not row.id:
-        raise UserError(f"{row.source}: split and id must be non-empty (split without '/')")
-    if row.id in ids:
-        raise UserError(f"{row.source}: id {row.id!r} appears twice in split {row.split!r}")
-    ids.add(row.id)
-    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-    bad = [int(v) for v in values if v >= options.num_classes and v != options.ignore_index]
-    if bad:
-        raise UserError(
-            f"{row.source}: class id(s) {_list(bad)} ≥ number of classes ({options.num_classes}) "
-            f"and not the ignore index {options.ignore_index}"
-        )
-    return image.shape[2]
-
-
-class _Stats:
-    """Per-class pixel counts and per-channel value histograms of the train split."""
-
-    def __init__(self, num_classes: int, ignore_index: int) -> None:
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.class_counts = np.zeros(256, dtype=np.int64)
-        self.histograms: np.ndarray | None = None
-
-    def add(self, row: _Row) -> None:
-        if row.split != "train":
-            return
-        self.class_counts += np.bincount(row.mask.ravel(), minlength=256)
-        channels = row.image.shape[2]
-        if self.histograms is None:
-            self.histograms = np.zeros((channels, 256), dtype=np.int64)
-        for c in range(channels):
-            self.histograms[c] += np.bincount(row.image[:, :, c].ravel(), minlength=256)
-
-    def info(
-        self,
-        classes: tuple[str, ...],
-        splits: dict[str, int],
-        channels: int,
-        shards: dict[str, tuple[str, ...]],
-    ) -> DatasetInfo:
-        levels = np.arange(256, dtype=np.float64) / 255
-        hist = self.histograms.astype(np.float64)
-        total = hist.sum(axis=1)
-        mean = (hist * levels).sum(axis=1) / total
-        var = np.maximum((hist * levels**2).sum(axis=1) / total - mean**2, 0.0)
-        return DatasetInfo(
-            classes=classes,
-            ignore_index=self.ignore_index,
-            splits=dict(sorted(splits.items())),
-            class_pixel_counts=tuple(int(n) for n in self.class_counts[: self.num_classes]),
-            mean=tuple(round(float(m), 6) for m in mean),
-            std=tuple(round(float(s), 6) for s in np.sqrt(var)),
-            channels=channels,
-            shards=dict(sorted(shards.items())),
-        )
-
-
-class _SplitWriter:
-    """Parquet shards of one split: small row groups to stream, a new file at the size limit.
-
-    File names carry the ingest's `token`, so they never collide with a dataset being replaced.
-    """
-
-    def __init__(self, fs: pafs.FileSystem, directory: str, shard_bytes: int, token: str) -> None:
-        self.fs, self.directory, self.shard_bytes = fs, directory, shard_bytes
-        self.token = token
-        self.paths: list[str] = []
-        self.buffer: list[tuple[str, bytes, bytes, int, int]] = []
-        self.buffered = 0
-        self.file_bytes = 0
-        self.writer: pq.ParquetWriter | None = None
-
-    def add(self, row: _Row, image: bytes, mask: bytes) -> None:
-        height, width = row.mask.shape
-        self.buffer.append((row.id, image, mask, height, width))
-        self.buffered += len(image) + len(mask)
-        if len(self.buffer) >= ROW_GROUP_ROWS or self.buffered >= min(
-            ROW_GROUP_BYTES, self.shard_bytes
-        ):
-            self._flush()
-
-    def relative_paths(self, root: str) -> tuple[str, ...]:
-        """The shards written, relative to the dataset's root (as dataset.json lists them)."""
-        return tuple(path[len(root) + 1 :] for path in self.paths)
-
-    def close(self) -> None:
-        self._flush()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def abort(self) -> None:
-        """Close quietly after a failure; the caller deletes the files."""
-        if self.writer is not None:
-            with contextlib.suppress(Exception):  # the original error matters, not this one
-                self.writer.close()
-            self.writer = None
-
-    def _flush(self) -> None:
-        if not self.buffer:
-            return
-        if self.writer is not None and self.file_bytes + self.buffered > self.shard_bytes:
-            self.writer.close()
-            self.writer = None
-        if self.writer is None:
-            path = join(self.directory, f"part-{self.token}-{len(self.paths):05d}.parquet")
-            self.paths.append(path)
-            self.writer = pq.ParquetWriter(
-                path,
-                SCHEMA,
-                filesystem=self.fs,
-                compression="none",
-                use_dictionary=False,
-                write_statistics=["id", "height", "width"],
-            )
-            self.file_bytes = 0
-        columns = list(zip(*self.buffer, strict=True))
-        table = pa.Table.from_arrays([pa.array(col) for col in columns], schema=SCHEMA)
-        self.writer.write_table(table, row_group_size=len(self.buffer))
-        self.file_bytes += self.buffered
-        self.buffer, self.buffered = [], 0
-
-
-def _write_text(fs: pafs.FileSystem, path: str, text: str, token: str) -> None:
-    """Replace a small file at once: a temporary file renamed over it locally (os.replace), a
-    single PUT on S3 (an object is replaced whole)."""
-    data = text.encode("utf-8")
-    if not isinstance(fs, pafs.LocalFileSystem):
-        with fs.open_output_stream(path) as stream:
-            stream.write(data)
-        return
-    temporary = f"{path}.{token}.tmp"
-    try:
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-
-
-def _remove_partial(
-    destination: _Destination, writers: Iterable[_SplitWriter], created_root: bool
-) -> None:
-    """Best effort: delete what this ingest wrote, so nothing half-written is left behind."""
-    fs = destination.fs
-    for writer in writers:
-        writer.abort()
-        for path in writer.paths:
-            with contextlib.suppress(OSError):
-                fs.delete_file(path)
-        _remove_empty_dir(fs, writer.directory)
-    if created_root:
-        _remove_empty_dir(fs, destination.root)
-
-
-def _remove_empty_dir(fs: pafs.FileSystem, path: str) -> None:
-    """Remove a folder (or, on S3, the marker object pyarrow leaves) when nothing is in it."""
-    with contextlib.suppress(OSError):
-        if not fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
-            fs.delete_dir(path)
-
-
-# ---- files -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Pair:
-    split: str
-    id: str
-    image: Path
-    mask: Path
-
-
-def _pair_files(images: Path, masks: Path, *, val_fraction: float, seed: int) -> list[_Pair]:
-    """Pair files by stem; keep a train/ + val/ layout, else split off a seeded val fraction."""
-    for folder in (images, masks):
-        if not folder.is_dir():
-            raise UserError(f"{folder}: not a folder")
-    if (images / "train").is_dir():
-        splits = sorted(p.name for p in images.iterdir() if p.is_dir() and _image_files(p))
-        if _image_files(images):
-            raise UserError(
-                f"{images}: has both images and split folders; keep images in train/ and val/"
-            )
-        for split in REQUIRED_SPLITS:
-            if split not in splits:
-                raise UserError(f"{images / split}: missing or empty (pre-split layout)")
-        pairs = []
-        for split in splits:
-            if not (masks / split).is_dir():
-                raise UserError(f"{masks / split}: missing (images has a {split}/ folder)")
-            pairs += [
-                _Pair(split, stem, image, mask)
-                for stem, image, mask in _match(images / split, masks / split)
-            ]
-        return pairs
-    matched = _match(images, masks)
-    if len(matched) < 2:
-        raise UserError(f"{images}: need at least 2 image/mask pairs for a train and a val split")
-    order = np.random.default_rng(seed).permutation(len(matched))
-    n_val = min(max(1, round(val_fraction * len(matched))), len(matched) - 1)
-    val = set(order[:n_val].tolist())
-    return [
-        _Pair("val" if i in val else "train", stem, image, mask)
-        for i, (stem, image, mask) in enumerate(matched)
-    ]
-
-
-def _match(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
-    image_files, mask_files = _by_stem(images), _by_stem(masks)
-    if not image_files:
-        raise UserError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    lonely_images = sorted(set(image_files) - set(mask_files))
-    if lonely_images:
-        raise UserError(
-            f"{image_files[lonely_images[0]]}: image without mask in {masks}"
-            + _more(len(lonely_images))
-        )
-    lonely_masks = sorted(set(mask_files) - set(image_files))
-    if lonely_masks:
-        raise UserError(
-            f"{mask_files[lonely_masks[0]]}: mask without image in {images}"
-            + _more(len(lonely_masks))
-        )
-    return [(stem, image_files[stem], mask_files[stem]) for stem in sorted(image_files)]
-
-
-def _by_stem(folder: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in _image_files(folder):
-        if path.stem in found:
-            raise UserError(f"{path}: same name as {found[path.stem].name}; stems must be unique")
-        found[path.stem] = path
-    return found
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def _check_headers(pairs: list[_Pair]) -> int:
-    """Sizes and readability from file headers before writing; returns the dataset's channels."""
-    channels = 1
-    for pair in pairs:
-        height, width, image_channels = image_header(pair.image)
-        mask_height, mask_width, _ = image_header(pair.mask)
-        if (height, width) != (mask_height, mask_width):
-            raise UserError(
-                f"{pair.mask}: mask size {mask_width}×{mask_height} differs from image "
-                f"{pair.image.name} size {width}×{height}"
-            )
-        channels = max(channels, image_channels)
-    return channels
-
-
-class _MaskMapper:
-    """Mask file values → class ids: as they are, or through a colour or grey-value palette."""
-
-    def __init__(self, palette: _Palette | None, num_classes: int, ignore_index: int) -> None:
-        self.palette, self.num_classes, self.ignore_index = palette, num_classes, ignore_index
-        if palette is not None:
-            keys = [_color_key(c) for c in palette.colors]
-            self.lookup = dict(zip(keys, range(num_classes), strict=True))
-            self.ignore_key = _color_key((ignore_index,) * len(palette.colors[0]))
-
-    def __call__(self, path: Path) -> np.ndarray:
-        rgb = self.palette is not None and self.palette.rgb
-        values = read_mask_file(path, colors=rgb)
-        if values.ndim == 3 and not rgb:
-            if not (values == values[:, :, :1]).all():
-                hint = "grey values" if self.palette else "class ids"
-                raise UserError(
-                    f"{path}: colour mask, but {hint} were expected; pass RGB --colors 'r,g,b;...'"
-                )
-            values = values[:, :, 0]
-        if self.palette is None:
-            return values
-        if rgb and values.ndim != 3:
-            raise UserError(f"{path}: grayscale mask, but --colors gives RGB colours")
-        keys = _color_key(values) if rgb else values
-        unique, inverse = np.unique(keys, return_inverse=True)
-        ids = np.empty(len(unique), dtype=np.uint8)
-        unknown = []
-        for i, key in enumerate(unique.tolist()):
-            if key in self.lookup:
-                ids[i] = self.lookup[key]
-            elif key == self.ignore_key:
-                ids[i] = self.ignore_index
-            else:
-                unknown.append(key)
-        if unknown:
-            shown = [_color_text(k, rgb) for k in unknown[:3]]
-            raise UserError(
-                f"{path}: colour(s) {', '.join(shown)}{_more(len(unknown), 3)} not in --colors "
-                "(and not the ignore colour)"
-            )
-        return ids[inverse.reshape(values.shape[:2])]
-
-
-def _color_key(color: np.ndarray | tuple[int, ...]) -> np.ndarray | int:
-    if isinstance(color, tuple):
-        return color[0] if len(color) == 1 else (color[0] << 16) | (color[1] << 8) | color[2]
-    color = color.astype(np.uint32)
-    return (color[:, :, 0] << 16) | (color[:, :, 1] << 8) | color[:, :, 2]
-
-
-def _color_text(key: int, rgb: bool) -> str:
-    return f"{key >> 16},{(key >> 8) & 255},{key & 255}" if rgb else str(key)
-
-
-def _file_row(pair: _Pair, mapper: _MaskMapper, channels: int) -> _Row:
+def _file_row(pair: Pair, mapper: MaskMapper, channels: int) -> Row:
     image, data = read_image_for_storage(pair.image)
     if image.shape[2] != channels:
         image = np.repeat(image, channels, axis=2)
     mask = mapper(pair.mask)
-    return _Row(pair.split, pair.id, image, mask, data, str(pair.mask))
+    return Row(pair.split, pair.id, image, mask, data, str(pair.mask))
 
 
-def _sample_row(sample: Sample) -> _Row:
+def _sample_row(sample: Sample) -> Row:
     try:
         split, sample_id, image, mask = sample
     except (TypeError, ValueError):
@@ -630,14 +95,14 @@ def _sample_row(sample: Sample) -> _Row:
     image, mask = np.asarray(image), np.asarray(mask)
     if image.ndim == 2:
         image = image[:, :, None]
-    return _Row(str(split), str(sample_id), image, mask, None, f"sample {split}/{sample_id}")
+    return Row(str(split), str(sample_id), image, mask, None, f"sample {split}/{sample_id}")
 
 
-def _ordered_map(fn: Callable[[_Pair], _Row], items: Sequence[_Pair]) -> Iterator[_Row]:
+def _ordered_map(fn: Callable[[Pair], Row], items: Sequence[Pair]) -> Iterator[Row]:
     """fn over items on a few threads (PIL decodes without the GIL), results in order."""
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        pending: list[Future[_Row]] = []
+        pending: list[Future[Row]] = []
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
@@ -650,24 +115,8 @@ def _ordered_map(fn: Callable[[_Pair], _Row], items: Sequence[_Pair]) -> Iterato
                 future.cancel()
 
 
-def _with_progress(rows: Iterator[_Row], total: int) -> Iterator[_Row]:
+def _with_progress(rows: Iterator[Row], total: int) -> Iterator[Row]:
     import click
 
     with click.progressbar(rows, length=total, label="ingest", file=sys.stderr) as bar:
         yield from bar
-
-
-def _desc(array: np.ndarray) -> str:
-    return f"{array.dtype} {array.shape}"
-
-
-def _size(array: np.ndarray) -> str:
-    return f"{array.shape[1]}×{array.shape[0]}"
-
-
-def _list(values: list[int], limit: int = 5) -> str:
-    return ", ".join(map(str, values[:limit])) + _more(len(values), limit)
-
-
-def _more(count: int, shown: int = 1) -> str:
-    return f" (and {count - shown} more)" if count > shown else ""

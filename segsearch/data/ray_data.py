@@ -28,9 +28,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from segsearch.data.format import read_dataset_info
 from segsearch.data.images import decode_image, decode_mask
-from segsearch.data.shards import COLUMNS, dataset_units, error_reason, read_shard
+from segsearch.data.shards import COLUMNS, dataset_units, read_shard
 from segsearch.data.storage import display_path, filesystem_for
-from segsearch.errors import DataError, UserError
+from segsearch.errors import DataError, UserError, first_line
 
 if TYPE_CHECKING:
     import ray.data
@@ -153,7 +153,7 @@ def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, what: str) -> n
     try:
         return decode(data)
     except (UserError, OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad bytes
-        raise DataError(f"{what} does not decode ({error_reason(err)}); ingest again") from None
+        raise DataError(f"{what} does not decode ({first_line(err)}); ingest again") from None
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from segsearch.data.storage import (
     storage_error,
     storage_errors,
 )
-from segsearch.errors import DataError, UserError
+from segsearch.errors import DataError, UserError, first_line
 
 #: The columns training reads.
 COLUMNS = ["id", "image", "mask"]
@@ -114,10 +114,4 @@ def _check_columns(name: str, metadata: pq.FileMetaData) -> None:
 
 
 def _not_parquet(name: str, err: Exception) -> DataError:
-    return DataError(f"{name}: not a readable Parquet file ({error_reason(err)}); ingest again")
-
-
-def error_reason(err: Exception) -> str:
-    """An exception's first line, for a one-line message."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return DataError(f"{name}: not a readable Parquet file ({first_line(err)}); ingest again")

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from segsearch.errors import UserError
+from segsearch.errors import UserError, first_line
 
 _CONNECT = ("NETWORK_CONNECTION", "Could not connect", "curlCode", "Couldn't resolve")
 _DENIED = (
@@ -97,7 +97,7 @@ def storage_error(uri: str, err: OSError) -> UserError:
         )
     if any(marker in text for marker in _NO_BUCKET):
         return UserError(f"bucket {bucket!r} does not exist at {where}")
-    return UserError(f"{where}: {text.splitlines()[0] if text else type(err).__name__}")
+    return UserError(f"{where}: {_scrub(first_line(err))}")
 
 
 def is_unreachable(err: OSError) -> bool:

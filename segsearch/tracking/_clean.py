@@ -72,7 +72,7 @@ def clean(items: Mapping[str, Any], *, max_value: int = MAX_PARAM_VALUE) -> dict
     """Flatten `items` into MLflow-safe string keys and values, secrets masked."""
     secrets = _environment_secrets()
     cleaned: dict[str, str] = {}
-    for key, value in flatten(items).items():
+    for key, value in _flatten_to_params(items).items():
         name = safe_key(_mask_with(key, secrets))
         text = MASK if is_secret_key(key) else _mask_with(_as_text(value), secrets)
         cleaned[name] = text if len(text) <= max_value else text[: max_value - 1] + "…"
@@ -84,14 +84,16 @@ def safe_key(key: str) -> str:
     return _BAD_KEY_CHARS.sub("_", key)[:MAX_KEY]
 
 
-def flatten(items: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"sampler": {"kind": "tpe"}} → {"sampler.kind": "tpe"}; dotted keys stay as they are."""
+def _flatten_to_params(items: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"sampler": {"kind": "tpe"}} → {"sampler.kind": "tpe"}: every level, models and
+    dataclasses included, for MLflow's flat params (the search space's flattening stops at the
+    trial config's sections, for Optuna). Dotted keys stay as they are."""
     flat: dict[str, Any] = {}
     for key, value in items.items():
         name = f"{prefix}{key}"
         plain = plain_data(value)
         if isinstance(plain, Mapping) and plain:
-            flat.update(flatten(plain, prefix=f"{name}."))
+            flat.update(_flatten_to_params(plain, prefix=f"{name}."))
         else:
             flat[name] = plain
     return flat

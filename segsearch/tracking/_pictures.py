@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from segsearch.errors import first_line
 from segsearch.tracking._outcome import COMPLETED, ERROR, TrialOutcome
 
 #: Trial ids written under the history's x axis at most (every k-th one beyond that).
@@ -42,7 +43,7 @@ def param_importances(
     try:
         importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        raise ValueError(first_line(err)) from None
     if not importances:
         raise ValueError("no parameter varied across the complete trials")
     return {name: float(value) for name, value in importances.items()}

@@ -13,15 +13,19 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 
 from segsearch.errors import UserError
 from segsearch.tracking._clean import MAX_TAG_VALUE, clean
+from segsearch.tracking.tags import (
+    BEST,
+    DATASET_FINGERPRINT,
+    ERROR,
+    PARENT_RUN,
+    ROLE,
+    SEARCH,
+    STATUS,
+    TRIAL_ID,
+    quoted,
+)
 
-ROLE = "segsearch.role"
-SEARCH = "segsearch.search"
-TRIAL_ID = "segsearch.trial_id"
-STATUS = "segsearch.status"
-BEST = "segsearch.best"
-ERROR_TAG = "segsearch.error"
-DATASET_FINGERPRINT = "segsearch.dataset_fingerprint"
-PARENT_RUN = "mlflow.parentRunId"
+ERROR_TAG = ERROR  # the name _tracker.py imports until it imports tags.py
 
 
 def experiment_for(client: MlflowClient, name: str) -> str:
@@ -52,7 +56,7 @@ def open_parent(client: MlflowClient, experiment_id: str, name: str) -> tuple[st
     """The search's parent run, reopened when it exists; (run id, whether it existed)."""
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH}` = '{_quoted(name)}'",
+        filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH}` = '{quoted(name)}'",
         run_view_type=ViewType.ACTIVE_ONLY,
         max_results=1,
         order_by=["attributes.start_time DESC"],
@@ -101,8 +105,8 @@ def open_child(
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         log_batch(client, run_id, tags=[RunTag(STATUS, "running")])
-        if ERROR_TAG in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, ERROR_TAG)
+        if ERROR in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, ERROR)
         return run_id
     tags = {
         ROLE: "trial",
@@ -205,12 +209,8 @@ def _find_child(
     found = client.search_runs(
         [experiment_id],
         filter_string=(
-            f"tags.`{PARENT_RUN}` = '{parent_id}' and tags.`{TRIAL_ID}` = '{_quoted(trial_id)}'"
+            f"tags.`{PARENT_RUN}` = '{parent_id}' and tags.`{TRIAL_ID}` = '{quoted(trial_id)}'"
         ),
         max_results=1,
     )
     return found[0].info.run_id if found else None
-
-
-def _quoted(value: str) -> str:
-    return value.replace("'", "\\'")
