@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from segsearch import jobs
 from segsearch.cli import main
 from segsearch.errors import UserError
+from segsearch.ray_setup import SECRET_ENV
 from tests.fixtures.ray_head import client_environ
 
 SECRET_KEY = "SEGSEARCH_TEST_SECRET"
@@ -256,6 +257,8 @@ def test_cluster_defaults_are_checked_on_the_cluster_before_the_search():
 
 
 def test_secrets_for_the_job_are_named_with_where_they_will_show(tmp_path, monkeypatch):
+    for name in SECRET_ENV:  # the session's S3 fixture sets AWS_ACCESS_KEY_ID, among others
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-never-printed")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     space = write_space(tmp_path / "space.yaml")
