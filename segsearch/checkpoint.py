@@ -1,4 +1,9 @@
-"""A model checkpoint is two files: `model.pt` (a state_dict) and `trial.json` (how to rebuild it).
+"""The checkpoint layout, written and read here only: what a trial saves every epoch.
+
+A model is two files: `model.pt` (a state_dict) and `trial.json` (how to rebuild it: the meta
+from `checkpoint_meta`). A trial's checkpoint adds `train_state.pt` (optimizer, scheduler, epoch:
+for resuming only), `metrics.json` (the epoch's reported metrics) and the epoch's pictures
+(PICTURE_FILES), which tracking logs to MLflow.
 
 Loading never unpickles objects: the network is rebuilt from trial.json with `build_model` and the
 tensors are read with `torch.load(weights_only=True)`, so any checkpoint is safe to open.
@@ -14,10 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from segsearch.config import TrialConfig
+from segsearch.data.format import DatasetInfo
 from segsearch.errors import UserError, first_line
 
 MODEL_FILE = "model.pt"
 META_FILE = "trial.json"
+TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.json"
+OVERLAYS_FILE = "overlays.png"
+CONFUSION_FILE = "confusion.png"
+CLASS_IOU_FILE = "class_iou.csv"
+#: The epoch's pictures and tables, logged to the trial's MLflow run.
+PICTURE_FILES = (OVERLAYS_FILE, CONFUSION_FILE, CLASS_IOU_FILE)
+#: Files only a resumed trial needs; a logged model leaves them out (the optimizer state is large).
+RESUME_ONLY_FILES = (TRAIN_STATE_FILE,)
 REQUIRED_META = ("model", "in_channels", "num_classes", "classes", "mean", "std", "image_size")
 
 
@@ -39,6 +55,52 @@ def save_model(directory: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     state = {key: value.detach().cpu() for key, value in unwrap(model).state_dict().items()}
     torch.save(state, directory / MODEL_FILE)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def checkpoint_meta(
+    trial: TrialConfig, info: DatasetInfo, *, dataset: str, epoch: int
+) -> dict[str, Any]:
+    """trial.json: everything needed to rebuild the network and feed it images as in training."""
+    config = trial.to_dict()
+    return {
+        "model": config["model"],
+        "in_channels": info.channels,
+        "num_classes": info.num_classes,
+        "classes": list(info.classes),
+        "ignore_index": info.ignore_index,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "image_size": config["image_size"],
+        "dataset": dataset,
+        "config": config,
+        "epoch": epoch,
+    }
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    *,
+    metrics: dict[str, Any],
+    train_state: dict[str, Any],
+) -> None:
+    """A trial's checkpoint of one epoch: the model, its metrics and the state to resume from."""
+    save_model(directory, model, meta)
+    (directory / METRICS_FILE).write_text(json.dumps(metrics))
+    torch.save(train_state, directory / TRAIN_STATE_FILE)
+
+
+def restore_checkpoint(directory: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a trial's checkpoint into `model`; return its train state and its metrics."""
+    model.load_state_dict(_load_tensors(directory / MODEL_FILE))
+    train_state = _load_tensors(directory / TRAIN_STATE_FILE)
+    metrics = json.loads((directory / METRICS_FILE).read_text())
+    return train_state, metrics
+
+
+def _load_tensors(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_model(location: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -6,7 +6,7 @@ a bool never taken for a number; errors are one line naming the key and the rule
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -65,3 +65,9 @@ class TrialConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         """Every value, defaults included, as JSON types: what trial.json and MLflow record."""
         return self.model_dump(mode="json")
+
+
+def check_image_size(value: Sequence[int] | None) -> tuple[int, int] | None:
+    """An image size as [height, width] under the one rule every caller shares (a trial's
+    `image_size`, a data stream's resize); None means each image's own size."""
+    return TrialConfig.from_dict({"image_size": value}).image_size

@@ -19,11 +19,11 @@ from segsearch.capacity import TRIAL_DRIVER_CPUS, check_capacity
 from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
-from segsearch.data.shards import check_dataset
+from segsearch.data.shards import OpenedDataset, open_dataset
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.progress import TrialProgress, format_table, print_line
-from segsearch.space import SearchSpec, nest
+from segsearch.space import ResourcesSpec, SearchSpec, nest
 from segsearch.tracking import SearchTracker
 
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
@@ -53,14 +53,11 @@ class TrialContext:
     """What every trial of one search shares; shipped once through the object store."""
 
     search_name: str
-    dataset: str
-    dataset_info: dict[str, Any]
+    dataset: OpenedDataset
     storage: str
     epochs: int
-    workers: int
-    gpus_per_worker: float
-    cpus_per_worker: float
-    overlay: dict[str, np.ndarray] = field(default_factory=dict)
+    resources: ResourcesSpec
+    overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,7 +146,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     import ray.tune
     from ray.train import TrainingFailedError
 
-    trial = {**nest(config), "epochs": context.epochs}
+    trial = TrialConfig.from_dict({**nest(config), "epochs": context.epochs})
     trial_id = ray.tune.get_context().get_trial_id()
     for attempt in range(TRAIN_RETRIES + 1):
         try:
@@ -163,7 +160,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 raise
 
 
-def _trainer(trial: dict[str, Any], trial_id: str, context: TrialContext) -> Any:
+def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
     """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -172,23 +169,23 @@ def _trainer(trial: dict[str, Any], trial_id: str, context: TrialContext) -> Any
     from segsearch.data.ray_data import load_splits
     from segsearch.train import train_loop_per_worker
 
-    image_size = trial.get("image_size")
-    datasets = load_splits(context.dataset, image_size=tuple(image_size) if image_size else None)
-    resources = {"CPU": context.cpus_per_worker}
-    if context.gpus_per_worker:
-        resources["GPU"] = context.gpus_per_worker
+    datasets = load_splits(context.dataset, image_size=trial.image_size)
+    wanted = context.resources
+    resources = {"CPU": wanted.cpus_per_worker}
+    if wanted.gpus_per_worker:
+        resources["GPU"] = wanted.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "trial": trial,
-            "dataset": context.dataset,
-            "dataset_info": context.dataset_info,
-            "overlay": context.overlay,
+            "dataset": context.dataset.uri,
+            "dataset_info": context.dataset.info,
+            "overlay": _overlay_at(context.overlay, trial.image_size),
             "launched_at": time.time(),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=context.workers,
-            use_gpu=context.gpus_per_worker > 0,
+            num_workers=wanted.workers,
+            use_gpu=wanted.gpus_per_worker > 0,
             resources_per_worker=resources,
         ),
         datasets=datasets,
@@ -226,7 +223,8 @@ def run_search(
 
     quiet_ray()
     dataset = absolute_uri(dataset)
-    info = check_dataset(dataset)
+    opened = open_dataset(dataset)
+    info = opened.info
     check_trial_configs(spec, info)
     storage = resolve_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
@@ -245,7 +243,7 @@ def run_search(
         epochs=spec.epochs,
     )
     try:
-        tuner = _tuner(spec, dataset, info, storage, tracker, restore=can_restore, echo=echo)
+        tuner = _tuner(spec, opened, storage, tracker, restore=can_restore, echo=echo)
         grid = tuner.fit()
     except KeyboardInterrupt:
         tracker.interrupted()
@@ -266,8 +264,7 @@ def run_search(
 
 def _tuner(
     spec: SearchSpec,
-    dataset: str,
-    info: DatasetInfo,
+    dataset: OpenedDataset,
     storage: str,
     tracker: SearchTracker,
     *,
@@ -287,13 +284,10 @@ def _tuner(
     context = TrialContext(
         search_name=spec.name,
         dataset=dataset,
-        dataset_info=info.to_dict(),
         storage=storage,
         epochs=spec.epochs,
-        workers=spec.resources.workers,
-        gpus_per_worker=spec.resources.gpus_per_worker,
-        cpus_per_worker=spec.resources.cpus_per_worker,
-        overlay=_overlay_batch(dataset, spec),
+        resources=spec.resources,
+        overlay=_overlay_batch(dataset),
     )
     trainable = ray.tune.with_parameters(run_trial, context=context)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
@@ -462,17 +456,33 @@ def _sampler(spec: SearchSpec) -> Any:
     return optuna.samplers.TPESampler(seed=spec.sampler.seed)
 
 
-def _overlay_batch(dataset: str, spec: SearchSpec) -> dict[str, np.ndarray]:
-    """A fixed handful of validation images every trial draws its overlay picture from."""
+def _overlay_batch(dataset: OpenedDataset) -> dict[str, list[np.ndarray]]:
+    """A fixed handful of validation images (at their own size) every trial draws its overlay
+    picture from, resized to the trial's own image_size (`_overlay_at`)."""
     from segsearch.data.ray_data import load_splits
 
-    image_size = spec.fixed.get("image_size")
-    val = load_splits(dataset, image_size=tuple(image_size) if image_size else None)["val"]
+    val = load_splits(dataset)["val"]
     try:
         batch = val.limit(OVERLAY_IMAGES).take_batch(OVERLAY_IMAGES, batch_format="numpy")
     except Exception as err:  # a shard that cannot be read or decoded: the data's fault
-        raise UserError(f"reading the val split of {dataset} failed: {last_line(err)}") from None
-    return {"image": np.asarray(batch["image"]), "mask": np.asarray(batch["mask"])}
+        reason = last_line(err)
+        raise UserError(f"reading the val split of {dataset.uri} failed: {reason}") from None
+    return {"image": list(batch["image"]), "mask": list(batch["mask"])}
+
+
+def _overlay_at(
+    overlay: dict[str, list[np.ndarray]], image_size: tuple[int, int] | None
+) -> dict[str, np.ndarray]:
+    """The overlay images and masks as one batch at the trial's image size (the first image's
+    size when the trial trains at each image's own size)."""
+    from segsearch.data.ray_data import resize_pair
+
+    if not overlay:
+        return {}
+    images, masks = overlay["image"], overlay["mask"]
+    size = image_size or images[0].shape[:2]
+    pairs = [resize_pair(image, mask, size) for image, mask in zip(images, masks, strict=True)]
+    return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs])}
 
 
 def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:

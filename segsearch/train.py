@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -16,7 +15,15 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from segsearch.checkpoint import save_model, unwrap
+from segsearch.checkpoint import (
+    CLASS_IOU_FILE,
+    CONFUSION_FILE,
+    OVERLAYS_FILE,
+    checkpoint_meta,
+    restore_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from segsearch.config import OptimConfig, TrialConfig
 from segsearch.data.augment import build_augment
 from segsearch.data.format import DatasetInfo
@@ -26,23 +33,19 @@ from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
-MODEL_FILE = "model.pt"
-TRAIN_STATE = "train_state.pt"
-METRICS_FILE = "metrics.json"
-
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one trial's model; report metrics and a checkpoint every epoch (rank 0 writes it).
 
-    `config` holds `trial` (the nested trial config), `dataset_info` (dataset.json as a dict),
-    `dataset` (its URI), `overlay` (a few fixed validation images and masks for pictures) and
-    `launched_at` (wall-clock time the trial started, to report how long start-up took).
+    `config` holds `trial` (the TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its
+    URI), `overlay` (a few fixed validation images and masks at the trial's image size, for
+    pictures) and `launched_at` (wall-clock time the trial started, to report start-up time).
     """
     import ray.train
     import ray.train.torch
 
-    trial = TrialConfig.from_dict(config["trial"])
-    info = DatasetInfo.from_dict(config["dataset_info"])
+    trial: TrialConfig = config["trial"]
+    info: DatasetInfo = config["dataset_info"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -117,9 +120,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                _write_checkpoint(
-                    Path(tmp), net, optimizer, scheduler, config, metrics, scores, info
-                )
+                meta = checkpoint_meta(trial, info, dataset=config["dataset"], epoch=epoch)
+                train_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                }
+                save_checkpoint(Path(tmp), net, meta, metrics=metrics, train_state=train_state)
+                _write_pictures(Path(tmp), net, config.get("overlay"), scores, info)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -235,51 +243,21 @@ def _restore(
     if checkpoint is None:
         return 0, {}
     with checkpoint.as_directory() as directory:
-        net.load_state_dict(_load(Path(directory) / MODEL_FILE))
-        state = _load(Path(directory) / TRAIN_STATE)
-        metrics = json.loads((Path(directory) / METRICS_FILE).read_text())
+        state, metrics = restore_checkpoint(Path(directory), net)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), metrics
 
 
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 @torch.no_grad()
-def _write_checkpoint(
+def _write_pictures(
     directory: Path,
     net: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    config: dict[str, Any],
-    metrics: dict[str, Any],
+    overlay: dict[str, np.ndarray] | None,
     scores: dict[str, Any],
     info: DatasetInfo,
 ) -> None:
-    epoch = metrics["epoch"]
-    trial = config["trial"]
-    meta = {
-        "model": trial.get("model", {}),
-        "in_channels": info.channels,
-        "num_classes": info.num_classes,
-        "classes": list(info.classes),
-        "ignore_index": info.ignore_index,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "image_size": trial.get("image_size"),
-        "dataset": config["dataset"],
-        "config": trial,
-        "epoch": epoch,
-    }
-    save_model(directory, net, meta)
-    (directory / METRICS_FILE).write_text(json.dumps(metrics))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-        directory / TRAIN_STATE,
-    )
-    overlay = config.get("overlay")
+    """The epoch's overlays (fixed val images | truth | prediction), confusion matrix, IoUs."""
     if overlay:
         images, masks = overlay["image"], overlay["mask"]
         device = next(net.parameters()).device
@@ -289,6 +267,6 @@ def _write_checkpoint(
         picture = render_overlays(
             images, masks, preds, classes=info.classes, ignore_index=info.ignore_index
         )
-        Image.fromarray(picture).save(directory / "overlays.png")
-    plot_confusion(np.asarray(scores["matrix"]), info.classes, directory / "confusion.png")
-    write_class_iou_csv(scores["iou"], info.classes, directory / "class_iou.csv")
+        Image.fromarray(picture).save(directory / OVERLAYS_FILE)
+    plot_confusion(np.asarray(scores["matrix"]), info.classes, directory / CONFUSION_FILE)
+    write_class_iou_csv(scores["iou"], info.classes, directory / CLASS_IOU_FILE)

@@ -16,7 +16,7 @@ from PIL import Image
 from segsearch.data.format import read_dataset_info, shard_paths
 from segsearch.data.ingest import ingest, write_dataset
 from segsearch.data.ray_data import TorchCollate, load_splits, read_row_groups
-from segsearch.data.shards import check_dataset
+from segsearch.data.shards import open_dataset
 from segsearch.data.storage import filesystem_for
 from segsearch.errors import DataError, UserError
 from tests.test_ingest import make_pairs, to_v1
@@ -141,7 +141,7 @@ def test_a_damaged_shard_is_named_before_ray_starts(tmp_path, damage, reason) ->
         load_splits(dest, image_size=None)
     assert "\n" not in str(caught.value)
     with pytest.raises(DataError, match=f"^{shards[0]}: .*{reason}"):
-        check_dataset(dest)
+        open_dataset(dest)
 
 
 def row_group_units(dest: str, split: str = "train") -> tuple[pafs.FileSystem, int, list[dict]]:

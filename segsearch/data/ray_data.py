@@ -26,9 +26,9 @@ import pyarrow.fs as pafs
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from segsearch.data.format import read_dataset_info
+from segsearch.config import check_image_size
 from segsearch.data.images import decode_image, decode_mask
-from segsearch.data.shards import COLUMNS, dataset_units, read_shard
+from segsearch.data.shards import COLUMNS, OpenedDataset, open_dataset, read_shard
 from segsearch.data.storage import display_path, filesystem_for
 from segsearch.errors import DataError, UserError, first_line
 
@@ -42,17 +42,17 @@ DECODE_BATCH = 16
 
 
 def load_splits(
-    uri: str, *, image_size: tuple[int, int] | None = None
+    source: str | OpenedDataset, *, image_size: Sequence[int] | None = None
 ) -> dict[str, ray.data.Dataset]:
-    """Ray Datasets for every split of the dataset at `uri`: columns id, image (uint8 N,H,W,C)
-    and mask (uint8 N,H,W). dataset.json and the shards are checked first, so a bad dataset
-    fails here, before any trial starts."""
+    """Ray Datasets for every split of a dataset (a URI, or one a search opened already):
+    columns id, image (uint8 N,H,W,C) and mask (uint8 N,H,W). A URI's dataset.json and shards
+    are checked first, so a bad dataset fails here, before any Ray work."""
     import ray.data
 
-    size = _check_size(image_size)
-    info = read_dataset_info(uri)
-    fs, root = filesystem_for(uri)
-    units = dataset_units(uri, fs, root, info)
+    size = check_image_size(image_size)
+    opened = source if isinstance(source, OpenedDataset) else open_dataset(source)
+    info, units = opened.info, opened.units
+    fs, _ = filesystem_for(opened.uri)
     return {
         split: ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_row_groups,
@@ -114,7 +114,7 @@ def decode_batch(
         if image.shape[2] != channels:
             image = np.repeat(image, channels, axis=2)
         if size is not None and image.shape[:2] != size:
-            image, mask = _resize(image, size, Image.BILINEAR), _resize(mask, size, Image.NEAREST)
+            image, mask = resize_pair(image, mask, size)
         images.append(image)
         masks.append(mask)
     return {"id": np.asarray(batch["id"]), "image": _stack(images), "mask": _stack(masks)}
@@ -156,6 +156,14 @@ def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, what: str) -> n
         raise DataError(f"{what} does not decode ({first_line(err)}); ingest again") from None
 
 
+def resize_pair(
+    image: np.ndarray, mask: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """An image (bilinear, antialiased when shrinking) and its mask (nearest: class ids stay
+    class ids) resized to `size` (H, W), as training sees them."""
+    return _resize(image, size, Image.BILINEAR), _resize(mask, size, Image.NEAREST)
+
+
 def _resize(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     picture = Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
     resized = np.asarray(picture.resize((size[1], size[0]), resample=resample))
@@ -180,15 +188,3 @@ def _max_tasks(units: int) -> int | None:
         return None
     cap = max(2, int(ray.cluster_resources().get("CPU", 0)))
     return cap if units > cap else None
-
-
-def _check_size(image_size: Any) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    try:
-        height, width = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise UserError(f"image_size must be [height, width], got {image_size!r}") from None
-    if height < 1 or width < 1:
-        raise UserError(f"image_size must be positive, got {image_size!r}")
-    return height, width

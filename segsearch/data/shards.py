@@ -1,15 +1,17 @@
 """Shards as the driver and the decode tasks read them: footers, row groups, retries.
 
 Ray-free, so the search driver can check a dataset before it starts a tracking run or Ray:
-`check_dataset` reads dataset.json and every shard's footer, and fails with one line naming the
-damaged or missing shard. Reads retry for READ_RETRY_SECONDS while the store does not answer,
-so an S3 endpoint restarting for a few seconds costs a pause, not a trial.
+`open_dataset` reads dataset.json and every shard's footer once per search, and fails with one
+line naming the damaged or missing shard; trials build their data streams from what it found.
+Reads retry for READ_RETRY_SECONDS while the store does not answer, so an S3 endpoint
+restarting for a few seconds costs a pause, not a trial.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -36,13 +38,23 @@ READ_RETRY_SECONDS = 60.0
 T = TypeVar("T")
 
 
-def check_dataset(uri: str) -> DatasetInfo:
+@dataclass(frozen=True)
+class OpenedDataset:
+    """A dataset read once: its dataset.json and every non-empty split's row groups (`units`:
+    shard `path`, `row_group`, `first_row`), checked. Small, so it travels to every trial."""
+
+    uri: str
+    info: DatasetInfo
+    units: Mapping[str, tuple[dict[str, Any], ...]]
+
+
+def open_dataset(uri: str) -> OpenedDataset:
     """dataset.json, checked against the shards: each footer readable, the columns there, each
-    split's row count right. What a search calls before it starts anything."""
+    split's row count right. What a search calls once, before it starts anything."""
     info = read_dataset_info(uri)
     fs, root = filesystem_for(uri)
-    dataset_units(uri, fs, root, info)
-    return info
+    units = dataset_units(uri, fs, root, info)
+    return OpenedDataset(uri, info, {split: tuple(found) for split, found in units.items()})
 
 
 def dataset_units(

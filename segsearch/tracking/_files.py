@@ -12,25 +12,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from segsearch.checkpoint import OVERLAYS_FILE, PICTURE_FILES, RESUME_ONLY_FILES
 from segsearch.tracking._clean import is_secret_key, mask, plain_data
-
-#: Pictures and tables of each checkpoint, logged every epoch at the run's artifact root (the
-#: latest wins); the overlays are also kept per epoch under overlays/epoch_NNN.png.
-CHECKPOINT_ARTIFACTS = ("overlays.png", "confusion.png", "class_iou.csv")
-#: Checkpoint files the best model does not need (optimizer state: large, for resuming only).
-NOT_MODEL_FILES = ("train_state.pt",)
 
 
 def stage_pictures(
     checkpoint: str, filesystem: Any, folder: Path, *, step: int
 ) -> list[tuple[Path, str | None]]:
-    """Copy a checkpoint's pictures into `folder`; return (file, artifact folder) to log."""
-    copied = copy_files(checkpoint, filesystem, folder, CHECKPOINT_ARTIFACTS)
+    """Copy a checkpoint's pictures into `folder`; return (file, artifact folder) to log.
+
+    They go to the run's artifact root every epoch (the latest wins); the overlays are also kept
+    per epoch under overlays/epoch_NNN.png."""
+    copied = copy_files(checkpoint, filesystem, folder, PICTURE_FILES)
     staged: list[tuple[Path, str | None]] = [(folder / name, None) for name in copied]
-    if "overlays.png" in copied:
+    if OVERLAYS_FILE in copied:
         history = folder / "overlays" / f"epoch_{step:03d}.png"
         history.parent.mkdir(exist_ok=True)
-        shutil.copyfile(folder / "overlays.png", history)
+        shutil.copyfile(folder / OVERLAYS_FILE, history)
         staged.append((history, "overlays"))
     return staged
 
@@ -44,7 +42,7 @@ def copy_checkpoint(directory: str, filesystem: Any, dest: Path) -> None:
     names = tuple(
         e.base_name
         for e in entries
-        if e.type == pafs.FileType.File and e.base_name not in NOT_MODEL_FILES
+        if e.type == pafs.FileType.File and e.base_name not in RESUME_ONLY_FILES
     )
     copy_files(directory, filesystem, dest, names)
 

@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from ray.tune import Callback
 
+from segsearch.checkpoint import MODEL_FILE
 from segsearch.errors import UserError
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.tracking import _files, _pictures, _runs
@@ -440,8 +441,8 @@ class SearchTracker:
 
         with self._reported(f"trial {trial_id}: best model from {mask(checkpoint)}"):
             _files.copy_checkpoint(checkpoint, best.filesystem, model_dir)
-            if not (model_dir / "model.pt").is_file():
-                raise FileNotFoundError("the checkpoint has no model.pt")
+            if not (model_dir / MODEL_FILE).is_file():
+                raise FileNotFoundError(f"the checkpoint has no {MODEL_FILE}")
             self.writer.submit(f"trial {trial_id}: best model", log_model)
 
     def _log_search_files(
