@@ -60,11 +60,11 @@ class SearchSpec(_Strict):
 
     def define_by_run(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: suggest each parameter whose `when` holds; return the constants."""
-        chosen: dict[str, Any] = flatten(self.fixed)
+        chosen: dict[str, Any] = flatten_sections(self.fixed)
         for param in self.params:
             if param.active(chosen):
                 chosen[param.key] = param.suggest(trial)
-        return flatten(self.fixed)
+        return flatten_sections(self.fixed)
 
     def with_overrides(self, **overrides: Any) -> SearchSpec:
         """A copy with CLI overrides (trials, epochs, name) applied where given."""
@@ -178,13 +178,14 @@ def _parse_when(where: str, when: Any) -> tuple[tuple[str, tuple[Scalar, ...]], 
     return tuple(parsed)
 
 
-def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"arch": "unet"}} → {"model.arch": "unet"}; dotted keys pass through."""
+def flatten_sections(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"arch": "unet"}} → {"model.arch": "unet"}, Optuna's parameter names: only the
+    trial config's sections are flattened (the inverse of `nest`); dotted keys pass through."""
     flat: dict[str, Any] = {}
     for key, value in nested.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value and key in SECTIONS:
-            flat.update(flatten(value, prefix=f"{name}."))
+            flat.update(flatten_sections(value, prefix=f"{name}."))
         else:
             flat[name] = value
     return flat
@@ -245,7 +246,7 @@ def parse_space(raw: Mapping[str, Any], *, source: str = "<space>") -> SearchSpe
 
 
 def _check_params(spec: SearchSpec) -> None:
-    defined = set(flatten(spec.fixed))
+    defined = set(flatten_sections(spec.fixed))
     for key in defined:
         section = key.split(".", 1)[0]
         if key not in TOP_LEVEL_KEYS and section not in SECTIONS:

@@ -12,7 +12,7 @@ import yaml
 
 from segsearch.config import TrialConfig
 from segsearch.errors import UserError
-from segsearch.space import flatten, load_space, nest, parse_space
+from segsearch.space import flatten_sections, load_space, nest, parse_space
 
 SPACES = sorted(Path(__file__).resolve().parent.parent.joinpath("search_spaces").glob("*.yaml"))
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -81,9 +81,9 @@ def test_int_step_and_log_are_honoured():
     assert values <= {0, 8, 16, 24, 32} and len(values) > 2
 
 
-def test_nest_and_flatten_are_inverse():
+def test_nest_and_flatten_sections_are_inverse():
     flat = {"model.arch": "unet", "model.depth": 3, "batch_size": 8, "image_size": [8, 8]}
-    assert flatten(nest(flat)) == flat
+    assert flatten_sections(nest(flat)) == flat
 
 
 @pytest.mark.parametrize(
