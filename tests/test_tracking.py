@@ -587,3 +587,26 @@ def test_tune_events_return_at_once_while_the_store_hangs(tmp_path):
         server.close()
     assert "trial t_00000: metrics of epoch 1" in summary.unlogged
     assert any("not logged" in line for line in lines)
+
+
+def test_a_reopened_trial_run_never_logs_an_epoch_twice(tmp_path, monkeypatch):
+    """A trial whose Train run had finished reports its last result again on resume: the
+    reopened run goes on from its last logged epoch, so each step is in its history once."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lines: list[str] = []
+    first = start_tracker(uri, "no-twice", tmp_path, lines)
+    first.trial_started("t_00000", {"optim.lr": GOOD_LR})
+    for epoch in (1, 2):
+        first.trial_result("t_00000", {"epoch": epoch, "val_miou": 0.1 * epoch}, None)
+    first.interrupted()
+    second = start_tracker(uri, "no-twice", tmp_path, lines)
+    second.trial_started("t_00000", {"optim.lr": GOOD_LR})
+    for epoch in (2, 3):
+        second.trial_result("t_00000", {"epoch": epoch, "val_miou": 0.1 * epoch}, None)
+    second.trial_ended("t_00000", {"epoch": 3, "val_miou": 0.3}, None)
+    second.finish([], metric="val_miou", mode="max", wait_s=10.0)
+    client = MlflowClient(uri)
+    _, children = runs_of(client, "no-twice")
+    history = client.get_metric_history(children[0].info.run_id, "val_miou")
+    assert sorted(m.step for m in history) == [1, 2, 3]

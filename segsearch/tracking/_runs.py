@@ -117,6 +117,11 @@ def open_child(
     return client.create_run(experiment_id, run_name=trial_id, tags=clean(tags)).info.run_id
 
 
+def last_step(client: MlflowClient, run_id: str) -> int:
+    """The last epoch (step of the `epoch` metric) logged to a run; 0 when none."""
+    return max((m.step for m in client.get_metric_history(run_id, "epoch")), default=0)
+
+
 def mark_best(client: MlflowClient, experiment_id: str, parent_id: str, best_run: str) -> None:
     """Tag `segsearch.best=true` on the best trial's run only (a resumed search may change it)."""
     previous = client.search_runs(

@@ -106,6 +106,7 @@ class SearchTracker:
         self._children = children
         self._staging = staging
         self._steps: dict[str, int] = {}
+        self._logged: dict[str, int] = {}
         self._started: set[str] = set()
         self._ended: set[str] = set()
         self._model_uri: str | None = None
@@ -187,7 +188,7 @@ class SearchTracker:
         params.setdefault("epochs", self.epochs)
 
         def open_run(client: MlflowClient) -> None:
-            self._children[trial_id] = _runs.open_child(
+            run_id = _runs.open_child(
                 client,
                 experiment_id=self.experiment_id,
                 parent_id=self.parent_run_id,
@@ -195,7 +196,9 @@ class SearchTracker:
                 trial_id=trial_id,
                 known=self._children.get(trial_id),
             )
-            _runs.log_params(client, self._children[trial_id], params, echo=self.writer.echo)
+            self._children[trial_id] = run_id
+            self._logged[trial_id] = _runs.last_step(client, run_id)
+            _runs.log_params(client, run_id, params, echo=self.writer.echo)
 
         self.writer.submit(f"trial {trial_id}: run and params", open_run)
 
@@ -212,7 +215,7 @@ class SearchTracker:
         metrics = [Metric(k, v, timestamp, step) for k, v in epoch_metrics(result).items()]
         self.writer.submit(
             f"trial {trial_id}: metrics of epoch {step}",
-            lambda c: _runs.log_batch(c, self._run(trial_id), metrics=metrics),
+            lambda c: self._log_epoch(c, trial_id, step, metrics),
         )
         checkpoint = result.get("checkpoint_path")
         if not checkpoint:
@@ -377,6 +380,16 @@ class SearchTracker:
         except Exception as err:
             self.writer.note_dropped(f"{what} ({first_line(err)})")
             self.writer.echo(f"warning: tracking could not prepare {what}: {first_line(err)}")
+
+    def _log_epoch(
+        self, client: MlflowClient, trial_id: str, step: int, metrics: list[Metric]
+    ) -> None:
+        """On the writer thread: log an epoch after the run's last logged one, never again (a
+        resumed trial reports its last result a second time)."""
+        if step <= self._logged.get(trial_id, 0):
+            return
+        _runs.log_batch(client, self._run(trial_id), metrics=metrics)
+        self._logged[trial_id] = step
 
     def _run(self, trial_id: str) -> str:
         if trial_id not in self._children:
