@@ -20,6 +20,7 @@ TRIAL_ID = "segsearch.trial_id"
 STATUS = "segsearch.status"
 BEST = "segsearch.best"
 ERROR_TAG = "segsearch.error"
+REASON = "segsearch.reason"
 DATASET_FINGERPRINT = "segsearch.dataset_fingerprint"
 PARENT_RUN = "mlflow.parentRunId"
 
@@ -176,6 +177,13 @@ def terminate(client: MlflowClient, run_id: str, tags: Mapping[str, Any], *, sta
     """Tag a run and end it with an MLflow RunStatus (FINISHED, FAILED or KILLED)."""
     log_tags(client, run_id, tags)
     client.set_terminated(run_id, status=status)
+
+
+def mark_lost(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tag a run lost; end it KILLED unless it had FINISHED or FAILED."""
+    log_tags(client, run_id, tags)
+    if client.get_run(run_id).info.status not in ("FINISHED", "FAILED"):
+        client.set_terminated(run_id, status="KILLED")
 
 
 def terminate_if_running(

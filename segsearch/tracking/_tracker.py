@@ -58,6 +58,9 @@ CLASS_IOU_PREFIX = "val_iou_"
 SHOWN_UNLOGGED = 8
 #: `segsearch.status` of a search, or a trial, stopped by Ctrl-C.
 INTERRUPTED = "interrupted"
+#: Status tag of a trial run whose trial the restored search does not have.
+LOST = "lost"
+LOST_REASON = "lost with the driver before its state was saved; not resumed"
 #: How long `finish` waits in all for queued MLflow calls (the best model among them) before it
 #: lists them as not logged. Only a store that answers, slowly, takes that long: while it is down
 #: or hangs, `finish` stops waiting after one more try (CALL_TIMEOUT_S + HEALTH_TIMEOUT_S).
@@ -201,6 +204,25 @@ class SearchTracker:
             _runs.log_params(client, run_id, params, echo=self.writer.echo)
 
         self.writer.submit(f"trial {trial_id}: run and params", open_run)
+
+    def end_lost_runs(self, restored: set[str]) -> None:
+        """Queue: end KILLED, tagged lost, the trial runs of an earlier driver whose trials the
+        restored search does not have (started after Tune last saved its state), and say so.
+
+        Tune saves its state every few seconds; a trial started since then is gone with the
+        driver, its run left RUNNING and its work drawn again as a new trial.
+        """
+        lost = sorted(set(self._children) - restored - self._started)
+        if not lost:
+            return
+        tags = {STATUS: LOST, _runs.REASON: LOST_REASON}
+        for trial_id in lost:
+            run_id = self._children.pop(trial_id)
+            self.writer.submit(
+                f"trial {trial_id}: end (lost)",
+                lambda c, run_id=run_id: _runs.mark_lost(c, run_id, tags),
+            )
+        self.writer.echo(f"tracking: trial run(s) {', '.join(lost)} ended as lost: {LOST_REASON}")
 
     def trial_result(self, trial_id: str, result: Mapping[str, Any], filesystem: Any) -> None:
         """Queue an epoch's metrics (step = epoch) and its checkpoint's pictures.
