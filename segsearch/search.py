@@ -33,6 +33,11 @@ OVERLAY_IMAGES = 4
 #: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
 #: data found mid-trial) is never retried.
 TRAIN_RETRIES = 1
+#: Seconds between Tune's saves of the search state (trials, searcher) to storage, instead of
+#: its adaptive 10 s or more: a trial started after the last save is lost with a killed driver
+#: (its run is then ended as lost on resume). A save writes a few small files; an upload starts
+#: only when the previous one is done.
+STATE_SAVE_PERIOD_S = 1
 
 
 class SearchInterrupted(Exception):
@@ -244,6 +249,7 @@ def run_search(
         settings=_settings(spec),
         epochs=spec.epochs,
     )
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
     try:
         tuner = _tuner(spec, dataset, info, storage, tracker, restore=can_restore, echo=echo)
         grid = tuner.fit()
