@@ -37,6 +37,11 @@ def check_capacity(resources: ResourcesSpec) -> None:
         raise UserError(problem)
 
 
+def can_add_nodes() -> bool:
+    """Whether an autoscaler can add nodes to the connected cluster (declared or reported)."""
+    return os.environ.get(AUTOSCALING_ENV) == "1" or bool(_autoscaler_node_types())
+
+
 def cluster_shapes() -> tuple[list[Shape], list[Shape]]:
     """(total resources of each live node, resources of each node type an autoscaler can add)."""
     import ray

@@ -33,6 +33,11 @@ OVERLAY_IMAGES = 4
 #: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
 #: data found mid-trial) is never retried.
 TRAIN_RETRIES = 1
+#: Seconds between Tune's saves of the search state (trials, searcher) to storage, instead of
+#: its adaptive 10 s or more: a trial started after the last save is lost with a killed driver
+#: (its run is then ended as lost on resume). A save writes a few small files; an upload starts
+#: only when the previous one is done.
+STATE_SAVE_PERIOD_S = 1
 
 
 class SearchInterrupted(Exception):
@@ -242,6 +247,7 @@ def run_search(
         settings=_settings(spec),
         epochs=spec.epochs,
     )
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
     try:
         tuner = _tuner(spec, opened, storage, tracker, restore=can_restore, echo=echo)
         grid = tuner.fit()
@@ -316,7 +322,7 @@ def _tuner(
             ),
             scheduler=scheduler,
             num_samples=spec.trials,
-            max_concurrent_trials=spec.max_concurrent or default_concurrency(spec),
+            max_concurrent_trials=_concurrency(spec, echo),
         ),
         run_config=ray.tune.RunConfig(
             name=spec.name,
@@ -391,11 +397,44 @@ def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 1
         study.tell(ot_trial, 0.0)
 
 
-def default_concurrency(spec: SearchSpec) -> int:
-    """Trials that fit at once on the connected cluster (see `concurrency_for`)."""
+def _concurrency(spec: SearchSpec, echo: Callable[[str], None]) -> int:
+    """Trials at once on the connected cluster, saying so when the space's max_concurrent is
+    lowered."""
     import ray
 
-    return concurrency_for(spec, ray.cluster_resources())
+    from segsearch.capacity import can_add_nodes
+
+    trials, notice = trial_concurrency(spec, ray.cluster_resources(), can_grow=can_add_nodes())
+    if notice:
+        echo(f"warning: {notice}")
+    return trials
+
+
+def trial_concurrency(
+    spec: SearchSpec, total: dict[str, float], *, can_grow: bool = False
+) -> tuple[int, str | None]:
+    """(trials at once, a notice when the space's max_concurrent was lowered).
+
+    A max_concurrent above what fits (`concurrency_for`) would let trials take every CPU, and
+    Ray Data's read tasks, which wait for a free share of one, would never run: the search hangs
+    without a word. Where an autoscaler adds nodes, the space's value stands.
+    """
+    fit = concurrency_for(spec, total)
+    asked = spec.max_concurrent
+    if asked is None:
+        return fit, None
+    if can_grow or asked <= fit:
+        return asked, None
+    res = spec.resources
+    if res.gpus_per_worker > 0:
+        why = f"{asked} trials need more GPUs than the cluster's {total.get('GPU', 0):g}"
+    else:
+        per_trial = TRIAL_DRIVER_CPUS + res.workers * res.cpus_per_worker
+        why = (
+            f"{asked} trials of {per_trial:g} CPUs each would leave no CPU of the cluster's "
+            f"{total.get('CPU', 0):g} for reading data"
+        )
+    return fit, f"max_concurrent: {asked} lowered to {fit}: {why}"
 
 
 def concurrency_for(spec: SearchSpec, total: dict[str, float]) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from segsearch.capacity import TRIAL_DRIVER_CPUS, capacity_problem
 from segsearch.ray_setup import LOCAL_NUM_CPUS
-from segsearch.search import DATA_CPU_RESERVE, concurrency_for
+from segsearch.search import DATA_CPU_RESERVE, trial_concurrency
 from segsearch.space import ResourcesSpec, load_space
 
 SPACES = sorted(Path(__file__).resolve().parent.parent.joinpath("search_spaces").glob("*.yaml"))
@@ -64,6 +64,26 @@ def test_the_local_default_cannot_starve_the_data_stream(path: Path) -> None:
     spec = spec.model_copy(update={"resources": resources})
     if capacity_problem(resources, live=LAPTOP) is not None:
         return
-    trials = spec.max_concurrent or concurrency_for(spec, {"CPU": float(LOCAL_NUM_CPUS)})
+    trials, _ = trial_concurrency(spec, LAPTOP[0])
     held = trials * (TRIAL_DRIVER_CPUS + resources.workers * resources.cpus_per_worker)
     assert held + DATA_CPU_RESERVE <= LOCAL_NUM_CPUS
+
+
+def test_a_max_concurrent_that_would_starve_the_data_stream_is_capped_with_a_notice() -> None:
+    """4 trials x (1 CPU driver + 1 CPU worker) took all 8 CPUs: Ray Data's tasks never ran."""
+    spec = load_space(SPACES[0])
+    spec = spec.model_copy(
+        update={"max_concurrent": 4, "resources": ResourcesSpec(workers=1, cpus_per_worker=1)}
+    )
+    trials, notice = trial_concurrency(spec, LAPTOP[0])
+    assert trials == 3
+    assert notice == (
+        "max_concurrent: 4 lowered to 3: 4 trials of 2 CPUs each would leave no CPU of the "
+        "cluster's 8 for reading data"
+    )
+    assert trial_concurrency(spec.model_copy(update={"max_concurrent": 3}), LAPTOP[0]) == (3, None)
+
+
+def test_max_concurrent_is_kept_where_an_autoscaler_adds_nodes() -> None:
+    spec = load_space(SPACES[0]).model_copy(update={"max_concurrent": 16})
+    assert trial_concurrency(spec, LAPTOP[0], can_grow=True) == (16, None)

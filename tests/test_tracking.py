@@ -587,3 +587,57 @@ def test_tune_events_return_at_once_while_the_store_hangs(tmp_path):
         server.close()
     assert "trial t_00000: metrics of epoch 1" in summary.unlogged
     assert any("not logged" in line for line in lines)
+
+
+def test_a_reopened_trial_run_never_logs_an_epoch_twice(tmp_path, monkeypatch):
+    """A trial whose Train run had finished reports its last result again on resume: the
+    reopened run goes on from its last logged epoch, so each step is in its history once."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lines: list[str] = []
+    first = start_tracker(uri, "no-twice", tmp_path, lines)
+    first.trial_started("t_00000", {"optim.lr": GOOD_LR})
+    for epoch in (1, 2):
+        first.trial_result("t_00000", {"epoch": epoch, "val_miou": 0.1 * epoch}, None)
+    first.interrupted()
+    second = start_tracker(uri, "no-twice", tmp_path, lines)
+    second.trial_started("t_00000", {"optim.lr": GOOD_LR})
+    for epoch in (2, 3):
+        second.trial_result("t_00000", {"epoch": epoch, "val_miou": 0.1 * epoch}, None)
+    second.trial_ended("t_00000", {"epoch": 3, "val_miou": 0.3}, None)
+    second.finish([], metric="val_miou", mode="max", wait_s=10.0)
+    client = MlflowClient(uri)
+    _, children = runs_of(client, "no-twice")
+    history = client.get_metric_history(children[0].info.run_id, "val_miou")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_a_trial_run_lost_with_the_killed_driver_is_ended_as_lost_on_resume(tmp_path, monkeypatch):
+    """A trial started after Tune's last saved state is not in the restored search: its run,
+    left RUNNING by the killed driver, ends KILLED and tagged lost; the restored trials' runs
+    are left for the search to reopen."""
+    from segsearch.tracking._callback import TrackingCallback
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lines: list[str] = []
+    killed = start_tracker(uri, "lost", tmp_path, lines)
+    for trial_id in ("kept_001", "lost_002"):
+        killed.trial_started(trial_id, {"optim.lr": GOOD_LR})
+    assert killed.drain(10.0)
+    killed.writer.close()  # the driver dies: nothing ends the runs
+    resumed = start_tracker(uri, "lost", tmp_path, lines)
+    TrackingCallback(resumed).on_step_begin(0, [types.SimpleNamespace(trial_id="kept_001")])
+    assert resumed.drain(10.0)
+    client = MlflowClient(uri)
+    _, children = runs_of(client, "lost")
+    runs = {r.data.tags["segsearch.trial_id"]: client.get_run(r.info.run_id) for r in children}
+    assert runs["kept_001"].info.status == "RUNNING"
+    assert runs["lost_002"].info.status == "KILLED"
+    assert runs["lost_002"].data.tags["segsearch.status"] == "lost"
+    assert "not resumed" in runs["lost_002"].data.tags["segsearch.reason"]
+    assert [line for line in lines if "lost_002" in line] == [
+        "tracking: trial run(s) lost_002 ended as lost: lost with the driver before its "
+        "state was saved; not resumed"
+    ]
+    resumed.interrupted()

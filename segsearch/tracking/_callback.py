@@ -42,9 +42,18 @@ class TrackingCallback(Callback):
 
     def __init__(self, tracker: SearchTracker) -> None:
         self.tracker = tracker
+        self._seen_trials = False
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return _restored_callback, (self.tracker.key,)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self._seen_trials:
+            self._seen_trials = True
+            try:
+                self.tracker.end_lost_runs({trial.trial_id for trial in trials})
+            except Exception as err:
+                self.tracker.writer.echo(f"warning: tracking lost trials failed: {first_line(err)}")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         with self._guard(trial):

@@ -25,8 +25,6 @@ from segsearch.tracking.tags import (
     quoted,
 )
 
-ERROR_TAG = ERROR  # the name _tracker.py imports until it imports tags.py
-
 
 def experiment_for(client: MlflowClient, name: str) -> str:
     """The id of the experiment named after the search, made on first use."""
@@ -121,6 +119,11 @@ def open_child(
     return client.create_run(experiment_id, run_name=trial_id, tags=clean(tags)).info.run_id
 
 
+def last_step(client: MlflowClient, run_id: str) -> int:
+    """The last epoch (step of the `epoch` metric) logged to a run; 0 when none."""
+    return max((m.step for m in client.get_metric_history(run_id, "epoch")), default=0)
+
+
 def mark_best(client: MlflowClient, experiment_id: str, parent_id: str, best_run: str) -> None:
     """Tag `segsearch.best=true` on the best trial's run only (a resumed search may change it)."""
     previous = client.search_runs(
@@ -175,6 +178,13 @@ def terminate(client: MlflowClient, run_id: str, tags: Mapping[str, Any], *, sta
     """Tag a run and end it with an MLflow RunStatus (FINISHED, FAILED or KILLED)."""
     log_tags(client, run_id, tags)
     client.set_terminated(run_id, status=status)
+
+
+def mark_lost(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tag a run lost; end it KILLED unless it had FINISHED or FAILED."""
+    log_tags(client, run_id, tags)
+    if client.get_run(run_id).info.status not in ("FINISHED", "FAILED"):
+        client.set_terminated(run_id, status="KILLED")
 
 
 def terminate_if_running(

@@ -38,8 +38,20 @@ from segsearch.tracking._outcome import (
     error_text,
     outcome_of,
 )
-from segsearch.tracking._runs import ERROR_TAG, STATUS
 from segsearch.tracking._writer import Writer, first_line
+from segsearch.tracking.tags import (
+    BEST_MODEL_URI,
+    BEST_RUN_ID,
+    BEST_TRIAL_ID,
+    DATASET_FINGERPRINT,
+    EPOCHS_RUN,
+    METRIC,
+    MODEL_CHECKPOINT,
+    MODEL_URI,
+    REASON,
+    STATUS,
+)
+from segsearch.tracking.tags import ERROR as ERROR_TAG
 
 #: Metrics logged per epoch (CONTRACTS.md, plus lr and startup_s, which train.py also reports).
 EPOCH_METRICS = (
@@ -59,6 +71,9 @@ CLASS_IOU_PREFIX = "val_iou_"
 SHOWN_UNLOGGED = 8
 #: `segsearch.status` of a search, or a trial, stopped by Ctrl-C.
 INTERRUPTED = "interrupted"
+#: Status tag of a trial run whose trial the restored search does not have.
+LOST = "lost"
+LOST_REASON = "lost with the driver before its state was saved; not resumed"
 #: How long `finish` waits in all for queued MLflow calls (the best model among them) before it
 #: lists them as not logged. Only a store that answers, slowly, takes that long: while it is down
 #: or hangs, `finish` stops waiting after one more try (CALL_TIMEOUT_S + HEALTH_TIMEOUT_S).
@@ -107,6 +122,7 @@ class SearchTracker:
         self._children = children
         self._staging = staging
         self._steps: dict[str, int] = {}
+        self._logged: dict[str, int] = {}
         self._started: set[str] = set()
         self._ended: set[str] = set()
         self._model_uri: str | None = None
@@ -145,7 +161,7 @@ class SearchTracker:
             )
             writer.now(lambda c: _runs.log_params(c, parent_id, params, echo=echo))
             if dataset_fingerprint:
-                fingerprint = {_runs.DATASET_FINGERPRINT: dataset_fingerprint}
+                fingerprint = {DATASET_FINGERPRINT: dataset_fingerprint}
                 writer.now(lambda c: _runs.log_tags(c, parent_id, fingerprint))
             for path in _files.parent_files(staging, space_path, dataset_info):
                 writer.now(lambda c, path=path: c.log_artifact(parent_id, str(path)))
@@ -188,7 +204,7 @@ class SearchTracker:
         params.setdefault("epochs", self.epochs)
 
         def open_run(client: MlflowClient) -> None:
-            self._children[trial_id] = _runs.open_child(
+            run_id = _runs.open_child(
                 client,
                 experiment_id=self.experiment_id,
                 parent_id=self.parent_run_id,
@@ -196,9 +212,30 @@ class SearchTracker:
                 trial_id=trial_id,
                 known=self._children.get(trial_id),
             )
-            _runs.log_params(client, self._children[trial_id], params, echo=self.writer.echo)
+            self._children[trial_id] = run_id
+            self._logged[trial_id] = _runs.last_step(client, run_id)
+            _runs.log_params(client, run_id, params, echo=self.writer.echo)
 
         self.writer.submit(f"trial {trial_id}: run and params", open_run)
+
+    def end_lost_runs(self, restored: set[str]) -> None:
+        """Queue: end KILLED, tagged lost, the trial runs of an earlier driver whose trials the
+        restored search does not have (started after Tune last saved its state), and say so.
+
+        Tune saves its state every few seconds; a trial started since then is gone with the
+        driver, its run left RUNNING and its work drawn again as a new trial.
+        """
+        lost = sorted(set(self._children) - restored - self._started)
+        if not lost:
+            return
+        tags = {STATUS: LOST, REASON: LOST_REASON}
+        for trial_id in lost:
+            run_id = self._children.pop(trial_id)
+            self.writer.submit(
+                f"trial {trial_id}: end (lost)",
+                lambda c, run_id=run_id: _runs.mark_lost(c, run_id, tags),
+            )
+        self.writer.echo(f"tracking: trial run(s) {', '.join(lost)} ended as lost: {LOST_REASON}")
 
     def trial_result(self, trial_id: str, result: Mapping[str, Any], filesystem: Any) -> None:
         """Queue an epoch's metrics (step = epoch) and its checkpoint's pictures.
@@ -213,7 +250,7 @@ class SearchTracker:
         metrics = [Metric(k, v, timestamp, step) for k, v in epoch_metrics(result).items()]
         self.writer.submit(
             f"trial {trial_id}: metrics of epoch {step}",
-            lambda c: _runs.log_batch(c, self._run(trial_id), metrics=metrics),
+            lambda c: self._log_epoch(c, trial_id, step, metrics),
         )
         checkpoint = result.get("checkpoint_path")
         if not checkpoint:
@@ -243,7 +280,7 @@ class SearchTracker:
         longer has RUNNING (ended by an earlier process) is left as it is.
         """
         status = end_status(dict(last), epochs=self.epochs, failed=error is not None)
-        tags = {STATUS: status, "segsearch.epochs_run": epoch_of(dict(last))}
+        tags = {STATUS: status, EPOCHS_RUN: epoch_of(dict(last))}
 
         def run_to_end(client: MlflowClient) -> str | None:
             run_id = self._run(trial_id)
@@ -379,6 +416,16 @@ class SearchTracker:
             self.writer.note_dropped(f"{what} ({first_line(err)})")
             self.writer.echo(f"warning: tracking could not prepare {what}: {first_line(err)}")
 
+    def _log_epoch(
+        self, client: MlflowClient, trial_id: str, step: int, metrics: list[Metric]
+    ) -> None:
+        """On the writer thread: log an epoch after the run's last logged one, never again (a
+        resumed trial reports its last result a second time)."""
+        if step <= self._logged.get(trial_id, 0):
+            return
+        _runs.log_batch(client, self._run(trial_id), metrics=metrics)
+        self._logged[trial_id] = step
+
     def _run(self, trial_id: str) -> str:
         if trial_id not in self._children:
             raise KeyError(f"no MLflow run for trial {trial_id} yet")
@@ -404,9 +451,9 @@ class SearchTracker:
         def on_parent(client: MlflowClient) -> None:
             run_id = self._run(trial_id)
             tags = {
-                "segsearch.best_trial_id": trial_id,
-                "segsearch.best_run_id": run_id,
-                "segsearch.metric": metric,
+                BEST_TRIAL_ID: trial_id,
+                BEST_RUN_ID: run_id,
+                METRIC: metric,
             }
             _runs.log_tags(client, self.parent_run_id, tags)
             stamp = int(time.time() * 1000)
@@ -429,14 +476,14 @@ class SearchTracker:
 
             run_id = self._run(trial_id)
             tags = client.get_run(run_id).data.tags
-            if tags.get("segsearch.model_checkpoint") == mask(checkpoint):
-                self._model_uri = tags.get("segsearch.model_uri")
+            if tags.get(MODEL_CHECKPOINT) == mask(checkpoint):
+                self._model_uri = tags.get(MODEL_URI)
                 return
             with _runs.global_tracking_uri(self.writer.tracking_uri):
                 uri = log_model(str(model_dir), run_id=run_id)
-            model_tags = {"segsearch.model_uri": uri, "segsearch.model_checkpoint": checkpoint}
+            model_tags = {MODEL_URI: uri, MODEL_CHECKPOINT: checkpoint}
             _runs.log_tags(client, run_id, model_tags)
-            _runs.log_tags(client, self.parent_run_id, {"segsearch.best_model_uri": uri})
+            _runs.log_tags(client, self.parent_run_id, {BEST_MODEL_URI: uri})
             self._model_uri = uri
 
         with self._reported(f"trial {trial_id}: best model from {mask(checkpoint)}"):

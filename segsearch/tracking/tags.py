@@ -21,6 +21,7 @@ __all__ = [
     "MODEL_CHECKPOINT",
     "MODEL_URI",
     "PARENT_RUN",
+    "REASON",
     "ROLE",
     "SEARCH",
     "STATUS",
@@ -35,6 +36,7 @@ SEARCH = "segsearch.search"  # the search's name
 TRIAL_ID = "segsearch.trial_id"  # Tune's trial id, on a trial's run
 STATUS = "segsearch.status"  # running, finished, failed, interrupted...
 ERROR = "segsearch.error"  # why a trial or search failed, one line
+REASON = "segsearch.reason"  # why a trial's run was ended by segsearch (lost with the driver)
 BEST = "segsearch.best"  # "true" on the best trial's run only
 EPOCHS_RUN = "segsearch.epochs_run"
 DATASET_FINGERPRINT = "segsearch.dataset_fingerprint"  # what the promote gate compares
