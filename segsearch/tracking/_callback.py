@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from segsearch.tracking._writer import first_line
+from segsearch.tracking._writer import masked_first_line
 
 if TYPE_CHECKING:
     from segsearch.tracking._tracker import SearchTracker
@@ -53,7 +53,8 @@ class TrackingCallback(Callback):
             try:
                 self.tracker.end_lost_runs({trial.trial_id for trial in trials})
             except Exception as err:
-                self.tracker.writer.echo(f"warning: tracking lost trials failed: {first_line(err)}")
+                reason = masked_first_line(err)
+                self.tracker.writer.echo(f"warning: tracking lost trials failed: {reason}")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         with self._guard(trial):
@@ -79,8 +80,8 @@ class TrackingCallback(Callback):
             yield
         except Exception as err:
             where = f"trial {trial.trial_id}"
-            self.tracker.writer.note_dropped(f"{where}: event ({first_line(err)})")
-            self.tracker.writer.echo(f"warning: tracking {where} failed: {first_line(err)}")
+            self.tracker.writer.note_dropped(f"{where}: event ({masked_first_line(err)})")
+            self.tracker.writer.echo(f"warning: tracking {where} failed: {masked_first_line(err)}")
 
 
 def _error_of(trial: Any) -> str:

@@ -38,7 +38,7 @@ from segsearch.tracking._outcome import (
     error_text,
     outcome_of,
 )
-from segsearch.tracking._writer import Writer, first_line
+from segsearch.tracking._writer import Writer, masked_first_line
 from segsearch.tracking.tags import (
     BEST_MODEL_URI,
     BEST_RUN_ID,
@@ -173,7 +173,7 @@ class SearchTracker:
             if isinstance(err, UserError):
                 raise
             raise UserError(
-                f"MLflow tracking at {mask(uri)} is unusable ({first_line(err)}); check "
+                f"MLflow tracking at {mask(uri)} is unusable ({masked_first_line(err)}); check "
                 "--tracking-uri / MLFLOW_TRACKING_URI"
             ) from None
         if reused:
@@ -413,8 +413,9 @@ class SearchTracker:
         try:
             yield
         except Exception as err:
-            self.writer.note_dropped(f"{what} ({first_line(err)})")
-            self.writer.echo(f"warning: tracking could not prepare {what}: {first_line(err)}")
+            reason = masked_first_line(err)
+            self.writer.note_dropped(f"{what} ({reason})")
+            self.writer.echo(f"warning: tracking could not prepare {what}: {reason}")
 
     def _log_epoch(
         self, client: MlflowClient, trial_id: str, step: int, metrics: list[Metric]

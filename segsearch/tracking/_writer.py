@@ -22,6 +22,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from segsearch.errors import first_line
 from segsearch.mlflow_uri import check_tracking_server
 from segsearch.tracking._clean import mask
 
@@ -234,13 +235,13 @@ class Writer:
         if self._down_since is None:
             self._down_since = time.monotonic()
             self.echo(
-                f"warning: MLflow at {mask(self.tracking_uri)} failed ({first_line(err)}); "
+                f"warning: MLflow at {mask(self.tracking_uri)} failed ({masked_first_line(err)}); "
                 f"training goes on, logging waits and is retried every {self.retry_every_s:g} s"
             )
         self._next_try = time.monotonic() + self.retry_every_s
 
     def _drop(self, item: _Call, err: BaseException) -> None:
-        reason = first_line(err)
+        reason = masked_first_line(err)
         self._dropped.append(f"{item.what} ({reason})")
         self.echo(f"warning: MLflow refused {item.what}: {reason}")
 
@@ -255,7 +256,7 @@ def _on_the_way(err: BaseException) -> bool:
     return False
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message (secrets masked), or its type when it has none."""
-    text = str(err).strip()
-    return mask(text.splitlines()[0][:300]) if text else type(err).__name__
+def masked_first_line(err: BaseException) -> str:
+    """An error's first line with secrets masked and cut to 300 characters: what tracking says
+    about a failed MLflow call (its text may hold a URI with a password)."""
+    return mask(first_line(err)[:300])
