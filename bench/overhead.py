@@ -23,7 +23,7 @@ from segsearch.data.demo import make_demo_dataset
 from segsearch.data.images import decode_image
 from segsearch.losses import build_loss
 from segsearch.models import build_model
-from segsearch.search import run_search
+from segsearch.search.tuner import run_search
 from segsearch.space import parse_space
 
 

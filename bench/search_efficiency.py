@@ -44,7 +44,7 @@ import yaml
 
 from segsearch.data.demo import make_demo_dataset
 from segsearch.ray_setup import init_ray
-from segsearch.search import run_search
+from segsearch.search.tuner import run_search
 from segsearch.space import SchedulerSpec, packaged_space, parse_space
 
 METRIC = "val_miou"

@@ -125,7 +125,7 @@ def search(
     resume: bool,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
-    from segsearch.search import SearchInterrupted, run_search
+    from segsearch.search.tuner import SearchInterrupted, run_search
     from segsearch.space import load_space
 
     spec = load_space(space_file).with_overrides(name=name, trials=trials, epochs=epochs)
@@ -165,7 +165,7 @@ def demo(
     """Run a real search on a built-in dataset with local Ray; print the best and worst trial."""
     from segsearch.data.demo import make_demo_dataset
     from segsearch.data.format import read_dataset_info
-    from segsearch.search import SearchInterrupted, run_search
+    from segsearch.search.tuner import SearchInterrupted, run_search
     from segsearch.space import load_space, packaged_space
 
     try:
@@ -387,7 +387,7 @@ def promote(
     tracking_uri: str | None,
 ) -> None:
     """Register the best finished trial of SEARCH_NAME in the MLflow Model Registry."""
-    from segsearch.promote import promote as run_promote
+    from segsearch.serve.promote import promote as run_promote
 
     done = run_promote(
         search_name,
@@ -425,7 +425,7 @@ def predict(
     MODEL_URI: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint
     directory (local or s3://). Each mask is a PNG of class ids, the size of its image.
     """
-    from segsearch.predict import predict as run_predict
+    from segsearch.serve.predict import predict as run_predict
 
     count = run_predict(
         model_uri,
@@ -475,8 +475,8 @@ def evaluate(
     """
     import json
 
-    from segsearch.evaluate import artifact_dir
-    from segsearch.evaluate import evaluate as run_evaluate
+    from segsearch.serve.evaluate import artifact_dir
+    from segsearch.serve.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(
         model_uri,

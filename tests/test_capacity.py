@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from segsearch.capacity import TRIAL_DRIVER_CPUS, capacity_problem
 from segsearch.ray_setup import LOCAL_NUM_CPUS
-from segsearch.search import DATA_CPU_RESERVE, trial_concurrency
+from segsearch.search.capacity import TRIAL_DRIVER_CPUS, capacity_problem
+from segsearch.search.tuner import DATA_CPU_RESERVE, trial_concurrency
 from segsearch.space import ResourcesSpec, load_space
 
 SPACES = sorted(Path(__file__).resolve().parent.parent.joinpath("search_spaces").glob("*.yaml"))

@@ -17,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 
 from segsearch.data.ingest import write_dataset
-from segsearch.evaluate import evaluate
-from segsearch.mlflow_model import log_model
+from segsearch.serve.evaluate import evaluate
+from segsearch.serve.mlflow_model import log_model
 from segsearch.tracking._runs import global_tracking_uri
 from tests.test_checkpoint import (
     CLASSES,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segsearch.models import ARCHS, build_model
-from segsearch.predictor import MaskPredictor
+from segsearch.serve.predictor import MaskPredictor
 from tests.test_checkpoint import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 

@@ -25,9 +25,9 @@ from segsearch.data.demo import make_demo_dataset
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import read_dataset_info
 from segsearch.data.images import read_image_file
-from segsearch.mlflow_model import load_logged_model, log_model
 from segsearch.mlflow_uri import resolve_tracking_uri
-from segsearch.predictor import MaskPredictor
+from segsearch.serve.mlflow_model import load_logged_model, log_model
+from segsearch.serve.predictor import MaskPredictor
 from segsearch.tracking import SearchTracker
 from tests.fixtures.mlflow_server import ARTIFACT_BUCKET
 from tests.test_checkpoint import (

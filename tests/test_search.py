@@ -20,10 +20,10 @@ from PIL import Image
 
 from segsearch.checkpoint import load_model
 from segsearch.data.demo import make_demo_dataset
-from segsearch.predict import predict
-from segsearch.predictor import MaskPredictor, predict_masks
-from segsearch.promote import promote
-from segsearch.search import run_search
+from segsearch.search.tuner import run_search
+from segsearch.serve.predict import predict
+from segsearch.serve.predictor import MaskPredictor, predict_masks
+from segsearch.serve.promote import promote
 from segsearch.space import parse_space
 from tests.fixtures.mlflow_server import ARTIFACT_BUCKET
 

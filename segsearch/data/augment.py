@@ -5,7 +5,7 @@ sampling grid per sample, so the image is resampled once (bilinear, zeros outsid
 mask once with the very same grid (nearest; `ignore_index` wherever the grid leaves the frame). The
 random parameters come from an optional `torch.Generator`, so the same seed gives the same batch.
 Colour jitter (contrast, then brightness) touches the image only. Images are float in 0..1, as
-`segsearch.train` feeds them.
+`segsearch.search.train` feeds them.
 """
 
 from __future__ import annotations

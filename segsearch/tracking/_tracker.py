@@ -473,7 +473,7 @@ class SearchTracker:
         shutil.rmtree(model_dir, ignore_errors=True)
 
         def log_model(client: MlflowClient) -> None:
-            from segsearch.mlflow_model import log_model
+            from segsearch.serve.mlflow_model import log_model
 
             run_id = self._run(trial_id)
             tags = client.get_run(run_id).data.tags

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from ray.tune.search.optuna import OptunaSearch
 
 from segsearch.data.demo import make_demo_dataset
-from segsearch.search import run_search
+from segsearch.search.tuner import run_search
 from segsearch.space import parse_space
 from tests.faults import searchproc
 from tests.test_search import tiny_space

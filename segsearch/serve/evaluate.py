@@ -27,8 +27,8 @@ import torch
 from segsearch.data.format import DatasetInfo, read_dataset_info
 from segsearch.errors import UserError, first_line
 from segsearch.metrics import ConfusionMatrix
-from segsearch.predict import load_network, pick_device, shape_batches, split_rows
-from segsearch.predictor import MaskPredictor, predict_masks
+from segsearch.serve.predict import load_network, pick_device, shape_batches, split_rows
+from segsearch.serve.predictor import MaskPredictor, predict_masks
 
 __all__ = ["Evaluation", "evaluate", "log_evaluation", "model_run", "score"]
 

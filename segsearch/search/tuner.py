@@ -1,38 +1,33 @@
-"""The search: Optuna in Ray Tune, ASHA early stopping, and a Ray Train job per trial."""
+"""The search as Tune runs it: Optuna samples trials, ASHA stops the weak, state is saved for
+`--resume`, and the results become one SearchResult (each trial itself: `trial.py`)."""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
-from ray.tune import Callback
 
-from segsearch.capacity import TRIAL_DRIVER_CPUS, check_capacity
 from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
-from segsearch.progress import TrialProgress, format_table, print_line
-from segsearch.space import ResourcesSpec, SearchSpec, nest
+from segsearch.search.capacity import TRIAL_DRIVER_CPUS, check_capacity
+from segsearch.search.placement import ReleasePlacementGroups
+from segsearch.search.progress import TrialProgress, format_table, print_line
+from segsearch.search.trial import KeepTrialHistory, TrialContext, overlay_batch, run_trial
+from segsearch.space import SearchSpec, nest
 from segsearch.tracking import SearchTracker
 
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
 DATA_CPU_RESERVE = 1.0
-#: Validation images drawn in each trial's overlay picture.
-OVERLAY_IMAGES = 4
-#: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
-#: data found mid-trial) is never retried.
-TRAIN_RETRIES = 1
 #: Seconds between Tune's saves of the search state (trials, searcher) to storage, instead of
 #: its adaptive 10 s or more: a trial started after the last save is lost with a killed driver
 #: (its run is then ended as lost on resume). A save writes a few small files; an upload starts
@@ -47,22 +42,6 @@ class SearchInterrupted(Exception):
         super().__init__(f"search {name!r} interrupted; its state is in {experiment_path}")
         self.name = name
         self.experiment_path = experiment_path
-
-
-#: A trial's result history as Tune writes it in the trial's folder.
-TRIAL_HISTORY_FILES = ("result.json", "progress.csv")
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial of one search shares; shipped once through the object store."""
-
-    search_name: str
-    dataset: OpenedDataset
-    storage: str
-    epochs: int
-    resources: ResourcesSpec
-    overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,121 +67,6 @@ class SearchResult:
 
     def table(self) -> str:
         return format_table(self.trials, metric=self.metric)
-
-
-class ReleasePlacementGroups(Callback):
-    """Frees the Train workers' placement group of a trial that Tune stopped (ASHA) or lost.
-
-    Ray Train removes it through a cleaner actor that needs the state API (the dashboard); on a
-    local instance without one, or beside another Ray instance, it never does, and the CPUs of
-    every stopped trial stay reserved until later trials cannot start.
-    """
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _release((trial.last_result or {}).get("placement_group"))
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _release((trial.last_result or {}).get("placement_group"))
-
-
-class KeepTrialHistory(Callback):
-    """Brings back a resumed trial's earlier results before Tune appends new ones to them.
-
-    Tune appends every result to result.json and progress.csv in a staging folder on the driver
-    and uploads that folder over the trial's folder in storage. A resumed search (a fresh Ray, or
-    another machine) starts with an empty staging folder, so without this the upload replaced the
-    trial's earlier epochs with the ones after the resume.
-    """
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        import pyarrow.fs
-
-        trial.init_local_path()
-        filesystem = trial.storage.storage_filesystem
-        for name in TRIAL_HISTORY_FILES:
-            local = Path(trial.local_path, name)
-            remote = f"{trial.storage.trial_fs_path}/{name}"
-            try:
-                stored = filesystem.get_file_info(remote).type == pyarrow.fs.FileType.File
-                if stored and not local.exists():
-                    pyarrow.fs.copy_files(remote, str(local), source_filesystem=filesystem)
-            except OSError as err:  # storage unreachable: say so, and let the search go on
-                print_line(f"warning: trial {trial.trial_id}: earlier {name} not restored ({err})")
-
-
-def _release(group_id: str | None) -> None:
-    from ray.util.placement_group import (
-        PlacementGroup,
-        placement_group_table,
-        remove_placement_group,
-    )
-
-    if group_id and placement_group_table().get(group_id, {}).get("state") == "CREATED":
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
-
-
-def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """Tune's trainable: run one trial as a Ray Train job and let TuneReportCallback relay it.
-
-    A failed Train run starts again from its last checkpoint (same run name), at most
-    TRAIN_RETRIES times; a failure caused by a UserError (bad data met mid-trial) is raised at
-    once as that one line, since running it again would meet the same data.
-    """
-    import ray.tune
-    from ray.train import TrainingFailedError
-
-    trial = TrialConfig.from_dict({**nest(config), "epochs": context.epochs})
-    trial_id = ray.tune.get_context().get_trial_id()
-    for attempt in range(TRAIN_RETRIES + 1):
-        try:
-            _trainer(trial, trial_id, context).fit()
-            return
-        except TrainingFailedError as err:
-            found = user_error_in(err)
-            if found is not None:
-                raise UserError(str(found)) from None
-            if attempt == TRAIN_RETRIES:
-                raise
-
-
-def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
-    """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from segsearch.data.ray_data import load_splits
-    from segsearch.train import train_loop_per_worker
-
-    datasets = load_splits(context.dataset, image_size=trial.image_size)
-    wanted = context.resources
-    resources = {"CPU": wanted.cpus_per_worker}
-    if wanted.gpus_per_worker:
-        resources["GPU"] = wanted.gpus_per_worker
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "trial": trial,
-            "dataset": context.dataset.uri,
-            "dataset_info": context.dataset.info,
-            "overlay": _overlay_at(context.overlay, trial.image_size),
-            "launched_at": time.time(),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=wanted.workers,
-            use_gpu=wanted.gpus_per_worker > 0,
-            resources_per_worker=resources,
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
-        run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}",
-            storage_path=f"{context.storage.rstrip('/')}/{context.search_name}-train",
-            failure_config=ray.train.FailureConfig(max_failures=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
 
 
 def run_search(
@@ -293,7 +157,7 @@ def _tuner(
         storage=storage,
         epochs=spec.epochs,
         resources=spec.resources,
-        overlay=_overlay_batch(dataset),
+        overlay=overlay_batch(dataset),
     )
     trainable = ray.tune.with_parameters(run_trial, context=context)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
@@ -400,9 +264,8 @@ def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 1
 def _concurrency(spec: SearchSpec, echo: Callable[[str], None]) -> int:
     """Trials at once on the connected cluster, saying so when the space's max_concurrent is
     lowered."""
-    import ray
 
-    from segsearch.capacity import can_add_nodes
+    from segsearch.search.capacity import can_add_nodes
 
     trials, notice = trial_concurrency(spec, ray.cluster_resources(), can_grow=can_add_nodes())
     if notice:
@@ -493,35 +356,6 @@ def _sampler(spec: SearchSpec) -> Any:
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=spec.sampler.seed)
     return optuna.samplers.TPESampler(seed=spec.sampler.seed)
-
-
-def _overlay_batch(dataset: OpenedDataset) -> dict[str, list[np.ndarray]]:
-    """A fixed handful of validation images (at their own size) every trial draws its overlay
-    picture from, resized to the trial's own image_size (`_overlay_at`)."""
-    from segsearch.data.ray_data import load_splits
-
-    val = load_splits(dataset)["val"]
-    try:
-        batch = val.limit(OVERLAY_IMAGES).take_batch(OVERLAY_IMAGES, batch_format="numpy")
-    except Exception as err:  # a shard that cannot be read or decoded: the data's fault
-        reason = last_line(err)
-        raise UserError(f"reading the val split of {dataset.uri} failed: {reason}") from None
-    return {"image": list(batch["image"]), "mask": list(batch["mask"])}
-
-
-def _overlay_at(
-    overlay: dict[str, list[np.ndarray]], image_size: tuple[int, int] | None
-) -> dict[str, np.ndarray]:
-    """The overlay images and masks as one batch at the trial's image size (the first image's
-    size when the trial trains at each image's own size)."""
-    from segsearch.data.ray_data import resize_pair
-
-    if not overlay:
-        return {}
-    images, masks = overlay["image"], overlay["mask"]
-    size = image_size or images[0].shape[:2]
-    pairs = [resize_pair(image, mask, size) for image, mask in zip(images, masks, strict=True)]
-    return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs])}
 
 
 def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:

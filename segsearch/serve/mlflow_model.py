@@ -37,7 +37,7 @@ from segsearch.checkpoint import (
     save_model,
 )
 from segsearch.errors import UserError, first_line
-from segsearch.predictor import MaskPredictor
+from segsearch.serve.predictor import MaskPredictor
 
 EXTRA_DIR = "extra_files"
 EXAMPLE_SHAPE = (2, 64, 96)
@@ -123,7 +123,7 @@ def load_logged_model(
         if not (folder / META_FILE).is_file() or not (folder / MODEL_FILE).is_file():
             raise UserError(
                 f"model {model_uri} has no {EXTRA_DIR}/{META_FILE} and {MODEL_FILE}: "
-                "log it with segsearch (segsearch.mlflow_model.log_model)"
+                "log it with segsearch (segsearch.serve.mlflow_model.log_model)"
             )
         meta = read_meta((folder / META_FILE).read_bytes(), model_uri)
         return build_from(meta, (folder / MODEL_FILE).read_bytes(), model_uri), meta

@@ -18,8 +18,8 @@ import torch
 
 from segsearch.checkpoint import load_model
 from segsearch.errors import UserError, first_line
-from segsearch.mlflow_model import load_logged_model
-from segsearch.predictor import MaskPredictor, predict_masks
+from segsearch.serve.mlflow_model import load_logged_model
+from segsearch.serve.predictor import MaskPredictor, predict_masks
 from segsearch.visualize import overlay as blend
 
 MASKS_DIR = "masks"

@@ -31,6 +31,7 @@ from segsearch.errors import UserError, last_line
 from segsearch.losses import build_loss
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
+from segsearch.search import placement
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
 
@@ -115,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "num_params": num_params,
             "lr": scheduler.get_last_lr()[0],
             "startup_s": startup_s,
-            "placement_group": _placement_group_id(),
+            placement.RESULT_KEY: placement.current_group_id(),
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -130,14 +131,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _write_pictures(Path(tmp), net, config.get("overlay"), scores, info)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _placement_group_id() -> str | None:
-    """This run's placement group, for the search to release if Tune stops the trial early."""
-    from ray.util import get_current_placement_group
-
-    group = get_current_placement_group()
-    return group.id.hex() if group else None
 
 
 class _Normalizer:
