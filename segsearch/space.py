@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from segsearch.errors import UserError
+from segsearch.values import is_number
 
 Scalar = str | int | float | bool | None
 SECTIONS = ("model", "loss", "optim", "aug")
@@ -129,7 +130,7 @@ def parse_param(key: str, spec: Any) -> Param:
         raise UserError(f"{where}: log scale needs low > 0, got {low}")
     step = spec.get("step")
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int | float) or step <= 0:
+        if not is_number(step) or step <= 0:
             raise UserError(f"{where}: step must be a positive number, got {step!r}")
         if kind == "int" and not float(step).is_integer():
             raise UserError(f"{where}: int step must be a whole number, got {step}")
@@ -155,8 +156,7 @@ def _parse_range(where: str, kind: str, bounds: Any) -> tuple[float, float]:
     if not isinstance(bounds, list) or len(bounds) != 2:
         raise UserError(f"{where}: {kind} range must be [low, high], got {bounds!r}")
     for value in bounds:
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not is_number or (kind == "int" and not float(value).is_integer()):
+        if not is_number(value) or (kind == "int" and not float(value).is_integer()):
             raise UserError(f"{where}: {kind} range bounds must be {kind}s, got {value!r}")
         if not math.isfinite(value):
             raise UserError(f"{where}: {kind} range bounds must be finite, got {value!r}")

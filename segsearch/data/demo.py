@@ -19,6 +19,7 @@ import numpy as np
 from segsearch.data.format import DatasetInfo
 from segsearch.data.ingest import Sample, write_dataset
 from segsearch.errors import UserError
+from segsearch.values import is_integer
 
 DEMO_CLASSES = ("background", "disc", "box", "line")
 BACKGROUND, DISC, BOX, LINE = range(len(DEMO_CLASSES))
@@ -50,9 +51,9 @@ def generate_demo_samples(
 ) -> Iterator[Sample]:
     """`n` samples of `split`, (split, id, image H×W×3 uint8, mask H×W uint8); the same
     (seed, split, index) always renders the same sample. Arguments are checked on the call."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_integer(n) or n < 1:
         raise UserError(f"demo dataset: the number of {split} images must be >= 1, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise UserError(f"demo dataset: seed must be an integer >= 0, got {seed!r}")
     canvas = _Canvas(*_check_size(size))
     return _render_all(canvas, n=n, seed=seed, split=split)

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 
 from segsearch.data.storage import display_path, filesystem_for, join, storage_errors
 from segsearch.errors import UserError
+from segsearch.values import is_integer, is_number
 
 FORMAT = "segsearch/v2"
 #: Written before shards were listed in dataset.json: read by listing the split folders.
@@ -154,7 +155,7 @@ def _parse(data: Any, source: str) -> DatasetInfo:
     ):
         raise bad("classes", "must be a non-empty list of distinct non-empty names")
     ignore_index = data.get("ignore_index")
-    if not _is_int(ignore_index) or not len(classes) <= ignore_index <= 255:
+    if not is_integer(ignore_index) or not len(classes) <= ignore_index <= 255:
         raise bad("ignore_index", f"must be an integer in {len(classes)}..255 (not a class id)")
     channels = data.get("channels")
     if channels not in (1, 3) or isinstance(channels, bool):
@@ -162,7 +163,7 @@ def _parse(data: Any, source: str) -> DatasetInfo:
     splits = data.get("splits")
     if (
         not isinstance(splits, dict)
-        or not all(isinstance(k, str) and k and _is_int(v) and v >= 0 for k, v in splits.items())
+        or not all(isinstance(k, str) and k and is_integer(v) and v >= 0 for k, v in splits.items())
         or not all(splits.get(name, 0) > 0 for name in REQUIRED_SPLITS)
     ):
         raise bad("splits", "must map split names to image counts, with train and val non-empty")
@@ -170,7 +171,7 @@ def _parse(data: Any, source: str) -> DatasetInfo:
     if (
         not isinstance(counts, list)
         or len(counts) != len(classes)
-        or not all(_is_int(c) and c >= 0 for c in counts)
+        or not all(is_integer(c) and c >= 0 for c in counts)
     ):
         raise bad("class_pixel_counts", f"must be {len(classes)} non-negative integers")
     mean = data.get("mean")
@@ -216,18 +217,11 @@ def _is_shard_path(path: Any, split: str) -> bool:
     return folder == split and SHARD_PATTERN.match(name) is not None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _floats(value: Any, length: int) -> bool:
     return (
         isinstance(value, list)
         and len(value) == length
-        and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in value
-        )
+        and all(is_number(v) and math.isfinite(v) for v in value)
     )
 
 

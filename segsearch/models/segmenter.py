@@ -15,6 +15,7 @@ from segsearch.models.config import ARCHS, ModelConfig
 from segsearch.models.decoders import FCNDecoder, dense_decoder, unet_decoder
 from segsearch.models.encoder import Encoder, conv_encoder, dense_encoder
 from segsearch.validation import validate
+from segsearch.values import is_integer
 
 
 class Segmenter(nn.Module):
@@ -47,7 +48,7 @@ def build_model(
     """A segmentation network from the `model:` config: (N, in_channels, H, W) -> logits
     (N, num_classes, H, W). Bad keys or values raise UserError naming the valid choices."""
     for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     cfg = validate(ModelConfig, model_cfg, section="model")
     encoder, decoder = ARCHS.get(cfg.arch)(cfg, in_channels)

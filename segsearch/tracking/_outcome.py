@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from segsearch.values import is_number
+
 COMPLETED, STOPPED_EARLY, ERROR, RUNNING = "completed", "stopped_early", "error", "running"
 
 
@@ -22,7 +24,7 @@ class TrialOutcome:
     def value(self, metric: str) -> float | None:
         """The trial's last reported `metric`, or None when it has none (or NaN)."""
         score = self.metrics.get(metric)
-        if not isinstance(score, int | float) or isinstance(score, bool) or math.isnan(score):
+        if not is_number(score) or math.isnan(score):
             return None
         return float(score)
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from segsearch.errors import first_line
 from segsearch.tracking._outcome import COMPLETED, ERROR, TrialOutcome
+from segsearch.values import is_integer, is_number
 
 #: Trial ids written under the history's x axis at most (every k-th one beyond that).
 MAX_LABELS = 30
@@ -129,7 +130,7 @@ def varied_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _axis(values: list[Any]) -> tuple[list[float], list[tuple[float, str]]]:
     """Positions in 0..1 for each value, and (position, label) ticks for the axis."""
-    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    numbers = [v for v in values if is_number(v)]
     if values and len(numbers) == len(values):
         low, high = min(numbers), max(numbers)
         use_log = low > 0 and high / low > 100
@@ -183,9 +184,9 @@ def _distribution(values: list[Any]) -> Any:
         IntDistribution,
     )
 
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if all(is_integer(v) for v in values):
         return IntDistribution(min(values), max(values))
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+    if all(is_number(v) for v in values):
         return FloatDistribution(float(min(values)), float(max(values)))
     return CategoricalDistribution(sorted({_param_value(v) for v in values}, key=repr))
 

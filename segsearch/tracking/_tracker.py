@@ -52,6 +52,7 @@ from segsearch.tracking.tags import (
     STATUS,
 )
 from segsearch.tracking.tags import ERROR as ERROR_TAG
+from segsearch.values import is_number
 
 #: Metrics logged per epoch (CONTRACTS.md, plus lr and startup_s, which train.py also reports).
 EPOCH_METRICS = (
@@ -525,7 +526,5 @@ def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return {
         safe_key(key): float(value)
         for key, value in result.items()
-        if (key in EPOCH_METRICS or key.startswith(CLASS_IOU_PREFIX))
-        and isinstance(value, int | float)
-        and not isinstance(value, bool)
+        if (key in EPOCH_METRICS or key.startswith(CLASS_IOU_PREFIX)) and is_number(value)
     }
