@@ -52,6 +52,6 @@ def last_line(err: BaseException) -> str:
     """What went wrong in one line: a UserError's message, else the error's last line."""
     found = user_error_in(err)
     if found is not None:
-        return str(found)
+        return first_line(found)
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__

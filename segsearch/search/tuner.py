@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -114,7 +115,8 @@ def run_search(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
     try:
         tuner = _tuner(spec, opened, storage, tracker, restore=can_restore, echo=echo)
-        grid = tuner.fit()
+        with _StopSignalWatch() as stop_signal:
+            grid = tuner.fit()
     except KeyboardInterrupt:
         tracker.interrupted()
         raise SearchInterrupted(spec.name, experiment_path) from None
@@ -124,7 +126,7 @@ def run_search(
         if found is not None:
             raise UserError(str(found)) from None
         raise
-    if _interrupted(grid, spec):
+    if stop_signal.seen or _interrupted(grid, spec):
         tracker.interrupted()
         raise SearchInterrupted(spec.name, experiment_path)
     summary = tracker.finish(grid, metric=spec.metric, mode=spec.mode)
@@ -201,6 +203,38 @@ def _tuner(
             verbose=0,
         ),
     )
+
+
+class _StopSignalWatch(logging.Handler):
+    """Notes Tune's own "Stop signal received" warning during `fit()`.
+
+    Tune catches Ctrl-C itself and returns normally; its trials may then all look finished (a
+    single running trial is marked TERMINATED), so the warning is the one sure sign. The logger
+    is taken at WARNING level without passing the record on, so nothing more is printed.
+    """
+
+    LOGGER = "ray.tune.tune"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = False
+        self._logger = logging.getLogger(self.LOGGER)
+        self._saved = (self._logger.level, self._logger.propagate)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Stop signal received" in record.getMessage():
+            self.seen = True
+
+    def __enter__(self) -> _StopSignalWatch:
+        self._logger.setLevel(logging.WARNING)
+        self._logger.propagate = False
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
 
 
 def _interrupted(grid: Any, spec: SearchSpec) -> bool:

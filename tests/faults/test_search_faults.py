@@ -17,10 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from segsearch.data.demo import make_demo_dataset
-from segsearch.data.format import SCHEMA
+from segsearch.data.format import SCHEMA, shard_paths
+from segsearch.data.storage import filesystem_for
 from tests.faults.cli import Sandbox, run_statuses, run_tags, runs_by_role, write_space
 
 STATUS, ERROR = "segsearch.status", "segsearch.error"
+CTRL_C_EPOCHS = 30
 
 
 def _dataset(root: Path) -> Path:
@@ -35,6 +37,11 @@ def _truncate_an_image(shard: Path, row: int = 3) -> None:
     images[row] = images[row][: len(images[row]) // 2]
     table = table.set_column(table.schema.get_field_index("image"), "image", [images])
     pq.write_table(table.cast(SCHEMA), shard)
+
+
+def _first_shard(dataset: Path, split: str) -> Path:
+    fs, root = filesystem_for(str(dataset))
+    return Path(shard_paths(fs, root, split)[0])
 
 
 def _search_args(space: Path, dataset: Path, root: Path, ray_address: str) -> list[str]:
@@ -56,7 +63,7 @@ def test_a_corrupt_train_image_fails_its_trial_at_once_and_the_search_says_why(
     ray_cluster: str, tmp_path: Path
 ) -> None:
     dataset = _dataset(tmp_path / "data")
-    _truncate_an_image(dataset / "train" / "part-00000.parquet")
+    _truncate_an_image(_first_shard(dataset, "train"))
     space = write_space(tmp_path / "space.yaml", name="corrupt-train")
     box = Sandbox.under(tmp_path / "box")
 
@@ -65,7 +72,8 @@ def test_a_corrupt_train_image_fails_its_trial_at_once_and_the_search_says_why(
     assert done.returncode == 1, done.stderr[-3000:]
     failed = [line for line in done.stdout.splitlines() if " failed: " in line]
     assert len(failed) == 2, done.stdout  # the trial's progress line and the closing summary
-    assert all("reading the data failed: " in line for line in failed)
+    shard = _first_shard(dataset, "train").name
+    assert all(shard in line and "row 3" in line and "does not decode" in line for line in failed)
     assert done.stderr.strip().splitlines()[-1].startswith("error: all 1 trials failed (")
     assert "Traceback" not in done.stdout + done.stderr
     (error_file,) = (tmp_path / "runs" / "corrupt-train").glob("*/error.txt")
@@ -80,7 +88,7 @@ def test_bad_data_met_after_the_parent_run_opened_fails_it_in_one_line(
     fault: str, ray_cluster: str, tmp_path: Path
 ) -> None:
     dataset = _dataset(tmp_path / "data")
-    shard = dataset / "val" / "part-00000.parquet"
+    shard = _first_shard(dataset, "val")
     if fault == "deleted val shard":
         shard.unlink()
     else:
@@ -94,9 +102,12 @@ def test_bad_data_met_after_the_parent_run_opened_fails_it_in_one_line(
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "val" in lines[0], lines
     assert "Traceback" not in done.stdout + done.stderr
-    assert runs_by_role(tmp_path / "mlflow.db") == {"search": ["FAILED"]}
-    (reason,) = run_tags(tmp_path / "mlflow.db", ERROR).values()
-    assert reason == lines[0].removeprefix("error: ")
+    if fault == "deleted val shard":  # found with the footers, before a run opens
+        assert not (tmp_path / "mlflow.db").exists()
+    else:  # found when the overlay images are decoded, after the parent run opened
+        assert runs_by_role(tmp_path / "mlflow.db") == {"search": ["FAILED"]}
+        (reason,) = run_tags(tmp_path / "mlflow.db", ERROR).values()
+        assert reason == lines[0].removeprefix("error: ")
     assert box.stray_files() == []
 
 
@@ -104,7 +115,8 @@ def test_ctrl_c_exits_130_marks_runs_killed_and_resume_finishes(
     ray_cluster: str, tmp_path: Path
 ) -> None:
     dataset = _dataset(tmp_path / "data")
-    space = write_space(tmp_path / "space.yaml", name="ctrl-c")
+    # Enough epochs that the search is still training when the SIGINT arrives after epoch 1.
+    space = write_space(tmp_path / "space.yaml", name="ctrl-c", epochs=CTRL_C_EPOCHS)
     box = Sandbox.under(tmp_path / "box")
     command = [sys.executable, "-m", "segsearch"]
     command += _search_args(space, dataset, tmp_path, ray_cluster)
@@ -114,7 +126,7 @@ def test_ctrl_c_exits_130_marks_runs_killed_and_resume_finishes(
     assert driver.stdout is not None
     deadline = time.monotonic() + 300
     for line in driver.stdout:
-        if " epoch 1/2 " in line or time.monotonic() > deadline:
+        if f" epoch 1/{CTRL_C_EPOCHS} " in line or time.monotonic() > deadline:
             break
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=120)
