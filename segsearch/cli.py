@@ -10,6 +10,7 @@ import click
 
 from segsearch.errors import UserError
 
+MODEL_TRACKING_HELP = "MLflow tracking URI for models:/ and runs:/ URIs."
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
 #: Exit code of a search stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
@@ -401,16 +402,30 @@ def promote(
     click.echo(done.describe())
 
 
+def _inference_options(command):
+    """--batch-size, --device and --tracking-uri, shared by the commands that run a model."""
+    for option in reversed(
+        (
+            click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+            click.option(
+                "--device",
+                type=click.Choice(["auto", "cpu", "cuda"]),
+                default="auto",
+                show_default=True,
+            ),
+            click.option("--tracking-uri", help=MODEL_TRACKING_HELP),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("model_uri")
 @click.argument("input_path", metavar="INPUT")
 @click.argument("output")
 @click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<name>.png.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs.")
+@_inference_options
 def predict(
     model_uri: str,
     input_path: str,
@@ -450,11 +465,7 @@ def predict(
     show_default=True,
     help="Log the scores to the MLflow run that logged the model (models:/ and runs:/ URIs).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs.")
+@_inference_options
 def evaluate(
     model_uri: str,
     dataset: str,
