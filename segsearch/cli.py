@@ -507,3 +507,61 @@ def evaluate(
         click.echo(f"logged to run {result.run_id}: {names}; files in {artifact_dir(split)}/")
     elif log:
         click.echo(f"not logged: {model_uri} has no MLflow run (checkpoint folders have none)")
+
+
+@main.command(name="export")
+@click.argument("model_uri")
+@click.argument("out")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "torchscript", "pt2"]),
+    help="File format (default: from OUT's suffix, .onnx, .pt or .pt2).",
+)
+@click.option("--dataset", help="Dataset whose images check the file (default: the model's own).")
+@click.option(
+    "--check-images",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="How many of its images (val split when it has one) the check runs.",
+)
+@click.option("--tracking-uri", help=MODEL_TRACKING_HELP)
+def export_model(
+    model_uri: str,
+    out: str,
+    fmt: str | None,
+    dataset: str | None,
+    check_images: int,
+    tracking_uri: str | None,
+) -> None:
+    """Write MODEL_URI as one file OUT that takes uint8 images of any size, once it is checked.
+
+    The file holds the whole predictor (resize, normalise, network, resize back, argmax): input
+    `images` uint8 (N,H,W,C); outputs `masks` int64 (N,H,W) and `logits` float32 (N,K,H,W). It is
+    run in its own runtime on real images against PyTorch and kept only when masks are equal on
+    ≥ 99.9 % of the pixels and logits within 1e-3 + 1e-3·|logit|; otherwise exit 1, nothing
+    written. ONNX needs the onnx extra: pip install 'segsearch[onnx]'.
+    """
+    from pathlib import PurePosixPath
+
+    from segsearch.serve.export import FORMATS, ExportFailed, export
+
+    suffixes = {suffix: name for name, suffix in FORMATS.items()}
+    fmt = fmt or suffixes.get(PurePosixPath(out).suffix)
+    if fmt is None:
+        raise UserError(f"cannot tell the format from {out}: pass --format onnx|torchscript|pt2")
+    try:
+        done = export(
+            model_uri,
+            out,
+            fmt=fmt,
+            dataset=dataset,
+            images=check_images,
+            tracking_uri=tracking_uri,
+        )
+    except ExportFailed as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {out} ({fmt}); checked on {done.dataset} ({done.split}):")
+    click.echo(f"  {done.check.describe()}")
