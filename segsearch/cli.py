@@ -378,6 +378,13 @@ def stop(job_id: str, address: str) -> None:
     "--tracking-uri",
     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
 )
+@click.option(
+    "--export",
+    "export_format",
+    type=click.Choice(["onnx", "torchscript", "pt2"]),
+    help="Also export the model (as `segsearch export`), check it on its dataset and attach the "
+    "file to the version, under export/ in its files; a failed check changes nothing (exit 1).",
+)
 def promote(
     search_name: str,
     model_name: str,
@@ -386,20 +393,29 @@ def promote(
     mode: str,
     force: bool,
     tracking_uri: str | None,
+    export_format: str | None,
 ) -> None:
     """Register the best finished trial of SEARCH_NAME in the MLflow Model Registry."""
+    from segsearch.serve.export import ExportFailed
     from segsearch.serve.promote import promote as run_promote
 
-    done = run_promote(
-        search_name,
-        model_name=model_name,
-        alias=alias,
-        metric=metric,
-        mode=mode,
-        force=force,
-        tracking_uri=tracking_uri,
-    )
+    try:
+        done = run_promote(
+            search_name,
+            model_name=model_name,
+            alias=alias,
+            metric=metric,
+            mode=mode,
+            force=force,
+            tracking_uri=tracking_uri,
+            export=export_format,
+        )
+    except ExportFailed as err:
+        click.echo(f"error: {err}; nothing promoted", err=True)
+        sys.exit(1)
     click.echo(done.describe())
+    if done.export:
+        click.echo(done.export)
 
 
 def _inference_options(command):
@@ -561,7 +577,7 @@ def export_model(
             tracking_uri=tracking_uri,
         )
     except ExportFailed as err:
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err}; nothing written to {out}", err=True)
         sys.exit(1)
     click.echo(f"wrote {out} ({fmt}); checked on {done.dataset} ({done.split}):")
     click.echo(f"  {done.check.describe()}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from segsearch.checkpoint import load_model
 from segsearch.data.ingest import write_dataset
@@ -20,6 +23,7 @@ from tests.test_checkpoint import (
     train_tiny_checkpoint,
 )
 from tests.test_predict import expected_mask, run_cli
+from tests.test_promote import Trial, make_search
 
 
 def _needs(fmt: str) -> None:
@@ -140,3 +144,58 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, dataset):
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture()
+def trained_on_dataset(tmp_path, dataset) -> Path:
+    """A checkpoint whose trial.json names the test dataset: promote checks on the model's own."""
+    directory = tmp_path / "checkpoint"
+    meta = train_tiny_checkpoint(directory)
+    (directory / "trial.json").write_text(json.dumps({**meta, "dataset": dataset}))
+    return directory
+
+
+def test_promote_export_attaches_the_checked_file_to_the_version(tmp_path, trained_on_dataset):
+    _needs("onnx")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    make_search(uri, "toy", [Trial("t1", (0.4, 0.5), trained_on_dataset)])
+    result = run_cli(
+        "promote", "toy", "--model-name", "toy-seg", "--tracking-uri", uri, "--export", "onnx"
+    )
+    assert result.exit_code == 0, result.output
+    assert "registered toy-seg version 1" in result.output
+    assert "attached export/model.onnx (onnx) to version 1; masks equal on " in result.output
+
+    client = MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version("toy-seg", "1")
+    assert version.tags["segsearch.export.onnx"] == "export/model.onnx"
+    assert version.tags["segsearch.export.onnx.check"].startswith("masks equal on ")
+    location = client.get_model_version_download_uri("toy-seg", "1")
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{location}/export/model.onnx", dst_path=str(tmp_path), tracking_uri=uri
+    )
+    image = toy_batch(1, 45, seed=11)[0][0]
+    masks, _ = run_file(Path(local), "onnx", image)
+    assert (masks == expected_mask(trained_on_dataset, image)).mean() >= MIN_MASK_AGREEMENT
+
+
+def test_promote_export_that_fails_its_check_promotes_nothing(
+    tmp_path, trained_on_dataset, monkeypatch
+):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    make_search(uri, "toy", [Trial("t1", (0.4, 0.5), trained_on_dataset)])
+    real_write = export_module.write_file
+
+    def write_then_change_weights(predictor, path, fmt):
+        real_write(predictor, path, fmt)
+        _perturb(predictor)
+
+    monkeypatch.setattr(export_module, "write_file", write_then_change_weights)
+    result = run_cli(
+        "promote", "toy", "--model-name", "toy-seg", "--tracking-uri", uri, "--export", "pt2"
+    )
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line]  # not MLflow's bars
+    assert len(errors) == 1 and errors[0].startswith("error: pt2 export of models:/m-")
+    assert errors[0].endswith("; nothing promoted")
+    assert MlflowClient(uri, registry_uri=uri).search_registered_models() == []

@@ -128,7 +128,7 @@ def export(
         if not check.passed:
             raise ExportFailed(
                 f"{fmt} export of {model_uri} failed its check on {source} ({split}): "
-                f"{check.describe()}; nothing written to {out}"
+                f"{check.describe()}"
             )
         _publish(path, out)
     return Exported(out=out, fmt=fmt, check=check, dataset=source, split=split)

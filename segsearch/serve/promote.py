@@ -9,9 +9,11 @@ or directory each search read it from; runs logged before fingerprints compare d
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from segsearch.errors import UserError, first_line
@@ -28,12 +30,15 @@ from segsearch.tracking.tags import (
     SEARCH,
     TRIAL,
     TRIAL_ID,
+    export_tag,
     quoted,
 )
 
-__all__ = ["Promotion", "promote"]
+__all__ = ["Promotion", "attach_export", "promote"]
 
 MODEL_ARTIFACT = "model"
+EXPORT_DIR = "export"
+"""Where `promote --export` puts the checked file among the logged model's files."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Promotion:
     created: bool
     moved: bool
     previous: str | None
+    export: str | None = None
+    """With --export: what was attached to the version, and its check, in one line."""
 
     def describe(self) -> str:
         """One line for the CLI."""
@@ -71,8 +78,14 @@ def promote(
     mode: str = "max",
     force: bool = False,
     tracking_uri: str | None = None,
+    export: str | None = None,
 ) -> Promotion:
-    """Register the best finished trial of a search as a version of `model_name`; move the alias."""
+    """Register the best finished trial of a search as a version of `model_name`; move the alias.
+
+    With `export` (onnx, torchscript or pt2), the model is first exported and checked
+    (segsearch.serve.export); a file that fails its check stops the promotion before anything
+    changes. The checked file is attached to the version's logged model (see attach_export).
+    """
     from mlflow import MlflowClient
 
     if mode not in ("max", "min"):
@@ -80,7 +93,7 @@ def promote(
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_server(uri, existing=True)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with _mlflow_errors(uri):
+    with _mlflow_errors(uri), tempfile.TemporaryDirectory(prefix="segsearch-promote-") as tmp:
         experiment = client.get_experiment_by_name(search_name)
         if experiment is None:
             raise UserError(
@@ -88,6 +101,7 @@ def promote(
                 "(the experiment is named after the search; check --tracking-uri)"
             )
         run, model_id = _best_trial(client, experiment.experiment_id, search_name, metric, mode)
+        exported = _checked_export(model_id, export, tmp, uri) if export else None
         value = run.data.metrics[metric]
         dataset = _dataset(client, run)
         fingerprint = _fingerprint(client, run)
@@ -103,8 +117,14 @@ def promote(
             value=value,
         )
         if current is not None and existing is not None and current.version == existing.version:
+            note = attach_export(client, model_id, current, exported) if exported else None
             return Promotion(
-                version=current.version, created=False, moved=False, previous=None, **common
+                version=current.version,
+                created=False,
+                moved=False,
+                previous=None,
+                export=note,
+                **common,
             )
         if current is not None and not force:
             _gate(
@@ -141,13 +161,45 @@ def promote(
                     model_id=model_id,
                 )
         client.set_registered_model_alias(model_name, alias, version.version)
+        note = attach_export(client, model_id, version, exported) if exported else None
     return Promotion(
         version=version.version,
         created=existing is None,
         moved=True,
         previous=current.version if current is not None else None,
+        export=note,
         **common,
     )
+
+
+def _checked_export(model_id: str, fmt: str, folder: str, uri: str) -> Any:
+    """The logged model exported to `folder` in `fmt` and checked on its own dataset."""
+    from segsearch.serve.export import FORMATS
+    from segsearch.serve.export import export as export_model
+
+    if fmt not in FORMATS:
+        raise UserError(f"--export must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = f"{folder}/model{FORMATS[fmt]}"
+    return export_model(f"models:/{model_id}", out, fmt=fmt, tracking_uri=uri)
+
+
+def attach_export(client: Any, model_id: str, version: Any, exported: Any) -> str:
+    """Upload a checked export into the version's logged model, under EXPORT_DIR; tag the version.
+
+    MLflow 3 keeps a registered version's files in its logged model (models:/<model_id>), so
+    the file travels with the version: `mlflow.artifacts.download_artifacts(
+    "models:/NAME/VERSION")` brings it along, and the version's tag `segsearch.export.<format>`
+    names its path there, the tag `segsearch.export.<format>.check` its check.
+    """
+    name = Path(exported.out).name
+    client.log_model_artifact(model_id, exported.out, EXPORT_DIR)
+    path = f"{EXPORT_DIR}/{name}"
+    check = exported.check.describe()
+    client.set_model_version_tag(version.name, version.version, export_tag(exported.fmt), path)
+    client.set_model_version_tag(
+        version.name, version.version, f"{export_tag(exported.fmt)}.check", check
+    )
+    return f"attached {path} ({exported.fmt}) to version {version.version}; {check}"
 
 
 def _best_trial(

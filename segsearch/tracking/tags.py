@@ -27,6 +27,7 @@ __all__ = [
     "STATUS",
     "TRIAL",
     "TRIAL_ID",
+    "export_tag",
     "quoted",
 ]
 
@@ -55,6 +56,11 @@ MODEL_CHECKPOINT = "segsearch.model_checkpoint"  # the checkpoint the model was 
 TRIAL = "segsearch.trial"  # a model version's trial (id, else run name)
 METRIC_VALUE = "segsearch.metric_value"
 MODE = "segsearch.mode"  # "max" or "min"
+
+
+def export_tag(fmt: str) -> str:
+    """A model version's tag naming its checked export file of `fmt` (promote --export)."""
+    return f"segsearch.export.{fmt}"
 
 
 def quoted(value: str) -> str:
