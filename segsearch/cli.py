@@ -436,17 +436,71 @@ def _inference_options(command):
     return command
 
 
+def _ensemble_options(command):
+    """--top-k, --search, --metric and --mode: an ensemble of a search's best trials."""
+    for option in reversed(
+        (
+            click.option(
+                "--top-k",
+                type=click.IntRange(min=1),
+                help="Use the K best finished trials of --search that have a logged model, "
+                "as an ensemble (instead of MODEL_URIs).",
+            ),
+            click.option("--search", "search_name", help="The search whose trials --top-k takes."),
+            click.option(
+                "--metric",
+                default="val_miou",
+                show_default=True,
+                help="Metric that ranks the trials for --top-k.",
+            ),
+            click.option(
+                "--mode", type=click.Choice(["max", "min"]), default="max", show_default=True
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _model_uris(
+    given: tuple[str, ...],
+    *,
+    top_k: int | None,
+    search_name: str | None,
+    metric: str,
+    mode: str,
+    tracking_uri: str | None,
+) -> list[str]:
+    """The MODEL_URIs given, or those of --top-k K --search NAME; never both, never none."""
+    from segsearch.serve.ensemble import top_models
+
+    if (top_k is None) != (search_name is None):
+        raise UserError("--top-k and --search go together")
+    if top_k is None:
+        if not given:
+            raise UserError("give MODEL_URI (several for an ensemble), or --top-k K --search NAME")
+        return list(given)
+    if given:
+        raise UserError("give either MODEL_URIs or --top-k/--search, not both")
+    return top_models(search_name, top_k, metric=metric, mode=mode, tracking_uri=tracking_uri)
+
+
 @main.command()
-@click.argument("model_uri")
+@click.argument("model_uris", nargs=-1, metavar="[MODEL_URI]...")
 @click.argument("input_path", metavar="INPUT")
 @click.argument("output")
 @click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<name>.png.")
+@_ensemble_options
 @_inference_options
 def predict(
-    model_uri: str,
+    model_uris: tuple[str, ...],
     input_path: str,
     output: str,
     overlay: bool,
+    top_k: int | None,
+    search_name: str | None,
+    metric: str,
+    mode: str,
     batch_size: int,
     device: str,
     tracking_uri: str | None,
@@ -454,12 +508,22 @@ def predict(
     """Segment INPUT (image folder or dataset) with MODEL_URI; masks go to OUTPUT/masks.
 
     MODEL_URI: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint
-    directory (local or s3://). Each mask is a PNG of class ids, the size of its image.
+    directory (local or s3://). Each mask is a PNG of class ids, the size of its image. Several
+    MODEL_URIs (or --top-k K --search NAME) predict as an ensemble: the mean of their softmax
+    probabilities at each image's own size.
     """
     from segsearch.serve.predict import predict as run_predict
 
+    uris = _model_uris(
+        model_uris,
+        top_k=top_k,
+        search_name=search_name,
+        metric=metric,
+        mode=mode,
+        tracking_uri=tracking_uri,
+    )
     count = run_predict(
-        model_uri,
+        uris,
         input_path,
         output,
         overlay=overlay,
@@ -467,11 +531,12 @@ def predict(
         device=device,
         tracking_uri=tracking_uri,
     )
-    click.echo(f"wrote {count} masks to {output}")
+    ensemble = f" (ensemble of {len(uris)} models)" if len(uris) > 1 else ""
+    click.echo(f"wrote {count} masks to {output}{ensemble}")
 
 
 @main.command()
-@click.argument("model_uri")
+@click.argument("model_uris", nargs=-1, metavar="[MODEL_URI]...")
 @click.argument("dataset")
 @click.option("--split", default="test", show_default=True, help="The dataset split to score.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON, for scripts.")
@@ -481,13 +546,18 @@ def predict(
     show_default=True,
     help="Log the scores to the MLflow run that logged the model (models:/ and runs:/ URIs).",
 )
+@_ensemble_options
 @_inference_options
 def evaluate(
-    model_uri: str,
+    model_uris: tuple[str, ...],
     dataset: str,
     split: str,
     as_json: bool,
     log: bool,
+    top_k: int | None,
+    search_name: str | None,
+    metric: str,
+    mode: str,
     batch_size: int,
     device: str,
     tracking_uri: str | None,
@@ -498,15 +568,25 @@ def evaluate(
     MODEL_URI: models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint
     directory (local or s3://). A model from MLflow gets metrics <split>_miou, <split>_dice and
     <split>_pixel_acc on its run (val_native_miou … for val, whose val_miou training logs), and
-    evaluation/<split>/confusion.png, per_class.csv and evaluation.json.
+    evaluation/<split>/confusion.png, per_class.csv and evaluation.json. Several MODEL_URIs (or
+    --top-k K --search NAME) are scored as one ensemble, as `segsearch predict` runs it; an
+    ensemble has no run, so it is not logged.
     """
     import json
 
     from segsearch.serve.evaluate import artifact_dir
     from segsearch.serve.evaluate import evaluate as run_evaluate
 
+    uris = _model_uris(
+        model_uris,
+        top_k=top_k,
+        search_name=search_name,
+        metric=metric,
+        mode=mode,
+        tracking_uri=tracking_uri,
+    )
     result = run_evaluate(
-        model_uri,
+        uris,
         dataset,
         split=split,
         tracking_uri=tracking_uri,
@@ -521,8 +601,10 @@ def evaluate(
     if result.run_id is not None:
         names = ", ".join(result.metrics())
         click.echo(f"logged to run {result.run_id}: {names}; files in {artifact_dir(split)}/")
+    elif log and len(uris) > 1:
+        click.echo("not logged: an ensemble has no MLflow run of its own")
     elif log:
-        click.echo(f"not logged: {model_uri} has no MLflow run (checkpoint folders have none)")
+        click.echo(f"not logged: {uris[0]} has no MLflow run (checkpoint folders have none)")
 
 
 @main.command(name="export")

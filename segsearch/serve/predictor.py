@@ -63,6 +63,10 @@ class MaskPredictor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(images).argmax(1)
 
+    def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Class-id masks (H,W uint8) of images that share a network input shape (one batch)."""
+        return predict_masks(self, images)
+
     def input_shape(self, image: np.ndarray) -> tuple[int, ...]:
         """The network input shape for one image: images with equal ones can share a batch."""
         return self.size if self.size is not None else image.shape[:2]
