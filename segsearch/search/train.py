@@ -29,6 +29,7 @@ from segsearch.data.augment import build_augment
 from segsearch.data.format import DatasetInfo
 from segsearch.errors import UserError, last_line
 from segsearch.losses import build_loss
+from segsearch.manifest import trial_manifest
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.search import placement
@@ -81,6 +82,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     normalize = _Normalizer(info, device)
     generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
     startup_s = None
+    manifest = (
+        trial_manifest(
+            trial, dataset=config["dataset"], splits=info.splits, device=device, workers=world
+        )
+        if rank == 0
+        else None
+    )
 
     for epoch in range(start_epoch + 1, trial.epochs + 1):
         started = time.perf_counter()
@@ -127,7 +135,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
                 }
-                save_checkpoint(Path(tmp), net, meta, metrics=metrics, train_state=train_state)
+                save_checkpoint(
+                    Path(tmp),
+                    net,
+                    meta,
+                    metrics=metrics,
+                    train_state=train_state,
+                    manifest=manifest,
+                )
                 _write_pictures(Path(tmp), net, config.get("overlay"), scores, info)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
