@@ -663,3 +663,21 @@ def export_model(
         sys.exit(1)
     click.echo(f"wrote {out} ({fmt}); checked on {done.dataset} ({done.split}):")
     click.echo(f"  {done.check.describe()}")
+
+
+@main.command(name="reproduce")
+@click.argument("run_id")
+@click.option("--tracking-uri", help=TRACKING_HELP)
+@click.option("--dataset", help="The trial's data at another path (it must have its fingerprint).")
+@click.option("--storage", help="Where the rerun's checkpoints go (default: a temporary folder).")
+def reproduce_trial(
+    run_id: str, tracking_uri: str | None, dataset: str | None, storage: str | None
+) -> None:
+    """Train the trial of MLflow run RUN_ID again, alone, from its manifest; print both metrics.
+
+    Same config, seed, workers and epochs, same data (checked by fingerprint), no early stopping.
+    """
+    from segsearch.reproduce import reproduce
+
+    done = reproduce(run_id, tracking_uri=tracking_uri, dataset=dataset, storage=storage)
+    click.echo(done.describe())
