@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,18 +162,25 @@ def write_file(predictor: MaskPredictor, path: Path, fmt: str) -> None:
         rng.integers(0, 256, (*EXAMPLE_SHAPE, predictor.channels), dtype=np.uint8)
     )
     try:
-        if fmt == "onnx":
-            _write_onnx(module, example, path)
-        elif fmt == "torchscript":
-            with torch.no_grad():
-                torch.jit.trace(module, (example,)).save(str(path))
-        else:
-            program = torch.export.export(module, (example,), dynamic_shapes=_dynamic_shapes())
-            torch.export.save(program, str(path))
+        with warnings.catch_warnings():
+            # torch 2.13's own exporters trip their pytree deprecation (LeafSpec): not the user's.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            _write(module, example, path, fmt)
     except (UserError, ExportFailed):
         raise
     except Exception as err:
         raise ExportFailed(f"{fmt} export failed: {first_line(err)}") from err
+
+
+def _write(module: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> None:
+    if fmt == "onnx":
+        _write_onnx(module, example, path)
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            torch.jit.trace(module, (example,)).save(str(path))
+    else:
+        program = torch.export.export(module, (example,), dynamic_shapes=_dynamic_shapes())
+        torch.export.save(program, str(path))
 
 
 def check_file(
