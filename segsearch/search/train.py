@@ -64,6 +64,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_classes=info.num_classes,
         ignore_index=info.ignore_index,
         class_pixel_counts=info.class_pixel_counts,
+        class_image_pixels=info.class_image_pixels,
     )
     augment = build_augment(trial.aug, ignore_index=info.ignore_index)
     steps_per_epoch = max(1, info.splits["train"] // (world * trial.batch_size))
