@@ -32,6 +32,7 @@ from segsearch.losses import build_loss
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.search import placement
+from segsearch.search.system_metrics import SystemSampler
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
 
@@ -82,6 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     normalize = _Normalizer(info, device)
     generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
     startup_s = None
+    system = SystemSampler() if rank == 0 else None
 
     for epoch in range(start_epoch + 1, trial.epochs + 1):
         started = time.perf_counter()
@@ -118,6 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             "startup_s": startup_s,
             placement.RESULT_KEY: placement.current_group_id(),
+            **(system.take() if system else {}),
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -251,13 +254,17 @@ def _write_pictures(
     scores: dict[str, Any],
     info: DatasetInfo,
 ) -> None:
-    """The epoch's overlays (fixed val images | truth | prediction), confusion matrix, IoUs."""
+    """The epoch's overlays (fixed val images | truth | prediction), confusion matrix, IoUs.
+
+    Rank 0 draws them before it reports, so every worker waits: numpy and PIL only, and one
+    forward pass without autograd over the handful of overlay images (bench/pictures.py)."""
     if overlay:
         images, masks = overlay["image"], overlay["mask"]
         device = next(net.parameters()).device
         batch = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
         net.eval()
-        preds = net(_Normalizer(info, device)(batch)).argmax(1).cpu().numpy()
+        with torch.inference_mode():
+            preds = net(_Normalizer(info, device)(batch)).argmax(1).cpu().numpy()
         picture = render_overlays(
             images, masks, preds, classes=info.classes, ignore_index=info.ignore_index
         )
