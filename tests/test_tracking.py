@@ -421,7 +421,7 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
     assert {"overlays.png", "confusion.png", "class_iou.csv"} <= artifacts(client, good.info.run_id)
     assert image_steps(client, good.info.run_id) == {"overlays": [1, 2, 3], "confusion": [1, 2, 3]}
     assert image_steps(client, bad.info.run_id) == {"overlays": [1], "confusion": [1]}
-    assert good.data.tags["mlflow.loggedImages"] == "true"
+    assert good.data.tags["mlflow.loggedImages"] == "True"  # MLflow writes str(True)
     assert steps(client, good.info.run_id, "system/cpu_utilization_percentage") == [1, 2, 3]
     assert good.data.metrics["system/system_memory_usage_megabytes"] > 0
 
