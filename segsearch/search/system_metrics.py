@@ -1,11 +1,12 @@
 """System metrics of the node a trial trains on, averaged per epoch, for the trial's MLflow run.
 
-MLflow's `SystemMetricsMonitor` logs from its own thread straight to a run. A trial's worker has
-no run to log to (the tracker opens it on the Tune driver, the one writer of the store) and may
-train on another node. So rank 0 samples with MLflow's own monitors (CPU and memory through
-psutil, which Ray ships; every GPU of the node through NVML when `nvidia-ml-py` is installed) on
-a background thread, reports the epoch's averages with its metrics, and the tracker logs them
-under `system/` at step = epoch, which the MLflow UI shows in a run's System metrics tab.
+MLflow's `SystemMetricsMonitor` logs from its own thread straight to a run, and its monitors come
+with `import mlflow` (seconds per trial start). A trial's worker has no run to log to (the
+tracker opens it on the Tune driver, the one writer of the store) and may train on another node.
+So rank 0 samples the node's CPU and memory with psutil, and its own GPU through torch (memory;
+utilisation through NVML where `nvidia-ml-py` is installed), on a background thread; it reports
+the epoch's averages with its metrics under MLflow's own names, and the tracker logs them as
+`system/<name>` at step = epoch, which the MLflow UI shows in a run's System metrics tab.
 """
 
 from __future__ import annotations
@@ -13,67 +14,95 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Any
+from collections import defaultdict
+from collections.abc import Callable
+
+import psutil
 
 #: Seconds between samples; `take` adds one at the epoch's end, so short epochs get one too.
 SAMPLE_EVERY_S = 2.0
 #: MLflow's prefix for system metrics (SystemMetricsMonitor's own).
 PREFIX = "system/"
 
+Probe = Callable[[], dict[str, float]]
+
 
 class SystemSampler:
-    """Samples the node's CPU, memory and GPUs on a daemon thread until closed or collected."""
+    """Samples the node's CPU and memory and the trial's GPU on a daemon thread until closed or
+    dropped."""
 
     def __init__(self, *, every_s: float = SAMPLE_EVERY_S) -> None:
-        self._monitors = _monitors()
+        self._probes = [_cpu_and_memory, *_gpu_probes()]
+        self._samples: defaultdict[str, list[float]] = defaultdict(list)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        _collect(self._monitors)  # psutil's CPU share counts from its previous call: prime it
-        for monitor in self._monitors:
-            monitor.clear_metrics()
-        # The thread holds the monitors, never the sampler: dropping the sampler stops it.
+        psutil.cpu_percent()  # the CPU share counts from the previous call: start counting now
+        # The thread holds the probes and samples, never the sampler: dropping the sampler
+        # stops it.
         weakref.finalize(self, self._stop.set)
         threading.Thread(
-            target=_sample,
-            args=(self._monitors, self._lock, self._stop, every_s),
+            target=_sample_until,
+            args=(self._stop, every_s, self._probes, self._samples, self._lock),
             name="segsearch-system-metrics",
             daemon=True,
         ).start()
 
     def take(self) -> dict[str, float]:
         """The averages since the last `take` (with a sample taken now), as `system/<name>`."""
-        values: dict[str, float] = {}
         with self._lock:
-            _collect(self._monitors)
-            for monitor in self._monitors:
-                values.update(monitor.aggregate_metrics())
-                monitor.clear_metrics()
-        return {PREFIX + name: float(value) for name, value in values.items()}
+            _sample(self._probes, self._samples)
+            averages = {name: sum(v) / len(v) for name, v in self._samples.items() if v}
+            self._samples.clear()
+        return {PREFIX + name: round(value, 1) for name, value in averages.items()}
 
     def close(self) -> None:
         self._stop.set()
 
 
-def _monitors() -> list[Any]:
-    """MLflow's CPU monitor, and its GPU monitor where NVML is importable and finds a GPU."""
-    import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
-    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-    monitors: list[Any] = [CPUMonitor()]
-    with contextlib.suppress(ImportError, RuntimeError):  # no nvidia-ml-py, or NVML finds no GPU
-        monitors.append(GPUMonitor())
-    return monitors
+def _cpu_and_memory() -> dict[str, float]:
+    memory = psutil.virtual_memory()
+    return {
+        "cpu_utilization_percentage": psutil.cpu_percent(),
+        "system_memory_usage_megabytes": memory.used / 1e6,
+        "system_memory_usage_percentage": memory.used / memory.total * 100,
+    }
 
 
-def _collect(monitors: list[Any]) -> None:
-    for monitor in monitors:
-        monitor.collect_metrics()
+def _gpu_probes() -> list[Probe]:
+    """The trial's own GPU, when it trains on one (CUDA already set up): the memory in use on
+    the device, and its utilisation where torch can read NVML (`nvidia-ml-py` installed)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    device = torch.cuda.current_device()
+
+    def gpu() -> dict[str, float]:
+        free, total = torch.cuda.mem_get_info(device)
+        values = {
+            f"gpu_{device}_memory_usage_megabytes": (total - free) / 1e6,
+            f"gpu_{device}_memory_usage_percentage": (total - free) / total * 100,
+        }
+        with contextlib.suppress(ModuleNotFoundError, RuntimeError):  # no nvidia-ml-py, no NVML
+            values[f"gpu_{device}_utilization_percentage"] = float(torch.cuda.utilization(device))
+        return values
+
+    return [gpu]
 
 
-def _sample(
-    monitors: list[Any], lock: threading.Lock, stop: threading.Event, every_s: float
+def _sample(probes: list[Probe], samples: defaultdict[str, list[float]]) -> None:
+    for probe in probes:
+        for name, value in probe().items():
+            samples[name].append(float(value))
+
+
+def _sample_until(
+    stop: threading.Event,
+    every_s: float,
+    probes: list[Probe],
+    samples: defaultdict[str, list[float]],
+    lock: threading.Lock,
 ) -> None:
     while not stop.wait(every_s):
         with lock:
-            _collect(monitors)
+            _sample(probes, samples)
