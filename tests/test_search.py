@@ -99,6 +99,17 @@ def test_three_trial_search_tracked_in_mlflow_promoted_and_predicting(
         assert {"overlays.png", "confusion.png", "class_iou.csv"} <= {
             a.path for a in client.list_artifacts(run_id)
         }
+        # Rank 0's node, per epoch; the pictures per epoch on the UI's image slider.
+        cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+        assert [m.step for m in cpu] == [1, 2]
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        for key in ("overlays", "confusion"):
+            assert sorted(p.split("+")[2] for p in images if p.startswith(f"images/{key}+")) == [
+                "1",
+                "1",
+                "2",
+                "2",
+            ]  # full size .png and compressed .webp
     overlay_keys = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
         Bucket=ARTIFACT_BUCKET
     )

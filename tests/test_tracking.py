@@ -60,8 +60,11 @@ def tiny_trial(
     """
     import ray.tune
 
+    from segsearch.search.system_metrics import SystemSampler
+
     trial_id = ray.tune.get_context().get_trial_id()
     done = _checkpoints(root, filesystem, trial_id)
+    system = SystemSampler()
     for epoch in range(len(done) + 1, EPOCHS + 1):
         if signals:
             _signal(signals, trial_id, epoch)
@@ -84,6 +87,7 @@ def tiny_trial(
                 "images_per_s": 123.0,
                 "num_params": 4321,
                 "checkpoint_path": path,
+                **system.take(),
             }
         )
 
@@ -253,6 +257,17 @@ def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set
     return {a.path for a in client.list_artifacts(run_id, path)}
 
 
+def image_steps(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    """Steps of each key's full-size images, as the MLflow UI's image slider reads them from
+    `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (a compressed .webp beside each)."""
+    found: dict[str, list[int]] = {}
+    for path in artifacts(client, run_id, "images"):
+        if path.endswith(".png"):
+            key, _, step, *_ = path.removeprefix("images/").split("+")
+            found.setdefault(key, []).append(int(step))
+    return {key: sorted(values) for key, values in found.items()}
+
+
 def assert_no_secrets(client: MlflowClient, runs: list[Any], secrets: list[str]) -> None:
     for run in runs:
         fresh = client.get_run(run.info.run_id)
@@ -403,12 +418,12 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
     assert good.data.params["model.arch"] == "unet"
     assert good.data.params["image_size"] == f"[{SIZE}, {SIZE}]"
     assert good.data.params["epochs"] == str(EPOCHS)
-    assert {"overlays.png", "confusion.png", "class_iou.csv", "overlays"} <= artifacts(
-        client, good.info.run_id
-    )
-    assert artifacts(client, good.info.run_id, "overlays") == {
-        f"overlays/epoch_{e:03d}.png" for e in (1, 2, 3)
-    }
+    assert {"overlays.png", "confusion.png", "class_iou.csv"} <= artifacts(client, good.info.run_id)
+    assert image_steps(client, good.info.run_id) == {"overlays": [1, 2, 3], "confusion": [1, 2, 3]}
+    assert image_steps(client, bad.info.run_id) == {"overlays": [1], "confusion": [1]}
+    assert good.data.tags["mlflow.loggedImages"] == "True"  # MLflow writes str(True)
+    assert steps(client, good.info.run_id, "system/cpu_utilization_percentage") == [1, 2, 3]
+    assert good.data.metrics["system/system_memory_usage_megabytes"] > 0
 
     assert parent.info.status == "FINISHED"
     assert parent.data.params["dataset"] == "s3://data-bucket/tiny"
@@ -478,6 +493,10 @@ def test_resumed_search_reuses_its_parent_and_trial_runs(ray_cluster, sqlite_uri
     assert resumed.data.tags["segsearch.status"] == "completed"
     assert "segsearch.error" not in resumed.data.tags
     assert steps(client, failing.info.run_id) == [1, 2, 3]
+    assert image_steps(client, failing.info.run_id) == {
+        "overlays": [1, 2, 3],
+        "confusion": [1, 2, 3],
+    }
     assert parent.info.status == "FINISHED"
 
 
@@ -518,7 +537,7 @@ def test_search_on_mlflow_server_puts_overlays_in_s3_and_no_secret_in_params(
     for child in children:
         run_id = child.info.run_id
         assert any(run_id in k and k.endswith("/overlays.png") for k in keys), run_id
-        assert any(run_id in k and k.endswith("/overlays/epoch_001.png") for k in keys), run_id
+        assert any(run_id in k and "/images/overlays+step+1+" in k for k in keys), run_id
     assert any(parent.info.run_id in k and k.endswith("/param_importances.png") for k in keys)
     assert summary.model_uri
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
@@ -587,6 +606,53 @@ def test_tune_events_return_at_once_while_the_store_hangs(tmp_path):
         server.close()
     assert "trial t_00000: metrics of epoch 1" in summary.unlogged
     assert any("not logged" in line for line in lines)
+
+
+def test_a_result_returns_at_once_while_its_checkpoint_storage_hangs(tmp_path):
+    """Copying an epoch's pictures out of its checkpoint (on S3, say) is not done on Tune's
+    event loop: the result event returns at once though the store never answers."""
+    import pyarrow.fs as pafs
+
+    from segsearch.tracking._callback import TrackingCallback
+    from segsearch.tracking._writer import Writer
+
+    storage, tracking = HangingServer(), HangingServer()
+    filesystem = pafs.S3FileSystem(
+        endpoint_override=storage.uri,
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        connect_timeout=3,
+        request_timeout=3,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )
+    writer = Writer(tracking.uri, echo=lambda line: None, retry_every_s=60)
+    tracker = SearchTracker(
+        writer,
+        search_name="slow-storage",
+        experiment_id="0",
+        parent_run_id="parent",
+        children={},
+        epochs=EPOCHS,
+        staging=tmp_path,
+    )
+    callback = TrackingCallback(tracker)
+    trial = types.SimpleNamespace(
+        trial_id="t_00000",
+        config={"optim.lr": GOOD_LR},
+        storage=types.SimpleNamespace(storage_filesystem=filesystem),
+        last_result={"epoch": 1},
+    )
+    try:
+        callback.on_trial_start(0, [], trial)
+        started = time.monotonic()
+        result = {"epoch": 1, "val_miou": 0.5, "checkpoint_path": "bucket/trial/epoch_001"}
+        callback.on_trial_result(0, [], trial, result)
+        assert time.monotonic() - started < 0.5
+        tracker.finish([], metric="val_miou", mode="max", wait_s=1.0)
+    finally:
+        storage.close()
+        tracking.close()
 
 
 def test_a_reopened_trial_run_never_logs_an_epoch_twice(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from segsearch.manifest import trial_manifest
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.search import placement
+from segsearch.search.system_metrics import SystemSampler
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
 
@@ -65,6 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_classes=info.num_classes,
         ignore_index=info.ignore_index,
         class_pixel_counts=info.class_pixel_counts,
+        class_image_pixels=info.class_image_pixels,
     )
     augment = build_augment(trial.aug, ignore_index=info.ignore_index)
     steps_per_epoch = max(1, info.splits["train"] // (world * trial.batch_size))
@@ -89,6 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0
         else None
     )
+    system = SystemSampler() if rank == 0 else None
 
     for epoch in range(start_epoch + 1, trial.epochs + 1):
         started = time.perf_counter()
@@ -125,6 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             "startup_s": startup_s,
             placement.RESULT_KEY: placement.current_group_id(),
+            **(system.take() if system else {}),
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -265,13 +269,17 @@ def _write_pictures(
     scores: dict[str, Any],
     info: DatasetInfo,
 ) -> None:
-    """The epoch's overlays (fixed val images | truth | prediction), confusion matrix, IoUs."""
+    """The epoch's overlays (fixed val images | truth | prediction), confusion matrix, IoUs.
+
+    Rank 0 draws them before it reports, so every worker waits: numpy and PIL only, and one
+    forward pass without autograd over the handful of overlay images (bench/pictures.py)."""
     if overlay:
         images, masks = overlay["image"], overlay["mask"]
         device = next(net.parameters()).device
         batch = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
         net.eval()
-        preds = net(_Normalizer(info, device)(batch)).argmax(1).cpu().numpy()
+        with torch.inference_mode():
+            preds = net(_Normalizer(info, device)(batch)).argmax(1).cpu().numpy()
         picture = render_overlays(
             images, masks, preds, classes=info.classes, ignore_index=info.ignore_index
         )

@@ -290,6 +290,7 @@ def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 1
             num_classes=info.num_classes,
             ignore_index=info.ignore_index,
             class_pixel_counts=info.class_pixel_counts,
+            class_image_pixels=info.class_image_pixels,
         )
         build_augment(trial.aug, ignore_index=info.ignore_index)
         study.tell(ot_trial, 0.0)

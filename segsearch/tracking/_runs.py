@@ -124,6 +124,20 @@ def last_step(client: MlflowClient, run_id: str) -> int:
     return max((m.step for m in client.get_metric_history(run_id, "epoch")), default=0)
 
 
+def image_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step of each image key logged with `log_image(key=..., step=...)` to a run.
+
+    MLflow names those files `images/<key>+step+<step>+timestamp+...` (a `/` in the key as `~`).
+    """
+    steps: dict[str, int] = {}
+    for entry in client.list_artifacts(run_id, "images"):
+        key, sep, rest = entry.path.removeprefix("images/").partition("+step+")
+        step = rest.partition("+")[0]
+        if sep and step.isdigit():
+            steps[key] = max(steps.get(key, 0), int(step))
+    return steps
+
+
 def mark_best(client: MlflowClient, experiment_id: str, parent_id: str, best_run: str) -> None:
     """Tag `segsearch.best=true` on the best trial's run only (a resumed search may change it)."""
     previous = client.search_runs(

@@ -15,17 +15,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from PIL import Image
 from ray.tune import Callback
 
-from segsearch.checkpoint import MODEL_FILE
+from segsearch.checkpoint import CONFUSION_FILE, MODEL_FILE, OVERLAYS_FILE
 from segsearch.errors import UserError
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
+from segsearch.search.system_metrics import PREFIX as SYSTEM_PREFIX
 from segsearch.tracking import _files, _pictures, _runs
 from segsearch.tracking._callback import TrackingCallback, register, unregister
 from segsearch.tracking._clean import clean, mask, plain_data, safe_key
@@ -68,6 +71,8 @@ EPOCH_METRICS = (
     "startup_s",
 )
 CLASS_IOU_PREFIX = "val_iou_"
+#: Checkpoint pictures also logged with `log_image(key=..., step=epoch)`: file → image key.
+STEPPED_PICTURES = {OVERLAYS_FILE: "overlays", CONFUSION_FILE: "confusion"}
 #: Unlogged items named in the closing warning line (all of them are in the returned summary).
 SHOWN_UNLOGGED = 8
 #: `segsearch.status` of a search, or a trial, stopped by Ctrl-C.
@@ -124,6 +129,8 @@ class SearchTracker:
         self._staging = staging
         self._steps: dict[str, int] = {}
         self._logged: dict[str, int] = {}
+        self._imaged: dict[tuple[str, str], int] = {}
+        self._pictures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segsearch-pictures")
         self._started: set[str] = set()
         self._ended: set[str] = set()
         self._model_uri: str | None = None
@@ -215,6 +222,8 @@ class SearchTracker:
             )
             self._children[trial_id] = run_id
             self._logged[trial_id] = _runs.last_step(client, run_id)
+            for key, step in _runs.image_steps(client, run_id).items():
+                self._imaged[trial_id, key] = step
             _runs.log_params(client, run_id, params, echo=self.writer.echo)
 
         self.writer.submit(f"trial {trial_id}: run and params", open_run)
@@ -241,7 +250,9 @@ class SearchTracker:
     def trial_result(self, trial_id: str, result: Mapping[str, Any], filesystem: Any) -> None:
         """Queue an epoch's metrics (step = epoch) and its checkpoint's pictures.
 
-        The pictures are copied now: Train keeps only the last checkpoints.
+        On Tune's event loop: nothing here waits. The pictures are copied at once, since Train
+        keeps only the last checkpoints, but on the pictures thread (a checkpoint may be on S3),
+        which then queues their upload.
         """
         step = epoch_of(dict(result))
         if self._steps.get(trial_id) == step:
@@ -254,17 +265,41 @@ class SearchTracker:
             lambda c: self._log_epoch(c, trial_id, step, metrics),
         )
         checkpoint = result.get("checkpoint_path")
-        if not checkpoint:
+        if checkpoint:
+            self._pictures.submit(self._stage_pictures, trial_id, str(checkpoint), filesystem, step)
+
+    def _stage_pictures(self, trial_id: str, checkpoint: str, filesystem: Any, step: int) -> None:
+        """On the pictures thread: copy an epoch's pictures and queue them, each at the run's
+        root (the latest wins) and the PNGs also with `log_image(key, step=epoch)`, which the
+        MLflow UI shows on an image slider."""
+        with self._reported(f"trial {trial_id}: pictures of epoch {step}"):
+            folder = self._staging / trial_id / f"epoch_{step:03d}"
+            for local in _files.stage_pictures(checkpoint, filesystem, folder):
+                self.writer.submit(
+                    f"trial {trial_id}: artifact {local.name} of epoch {step}",
+                    lambda c, local=local: c.log_artifact(self._run(trial_id), str(local)),
+                )
+                if local.name in STEPPED_PICTURES:
+                    key = STEPPED_PICTURES[local.name]
+                    self.writer.submit(
+                        f"trial {trial_id}: image {key} of epoch {step}",
+                        lambda c, local=local, key=key: self._log_image(
+                            c, trial_id, key, local, step
+                        ),
+                    )
+
+    def _log_image(
+        self, client: MlflowClient, trial_id: str, key: str, path: Path, step: int
+    ) -> None:
+        """On the writer thread: one picture at step = epoch, once per step (a resumed trial
+        reports its last epoch again)."""
+        if step <= self._imaged.get((trial_id, key), 0):
             return
-        folder = self._staging / trial_id / f"epoch_{step:03d}"
-        for local, artifact_dir in _files.stage_pictures(checkpoint, filesystem, folder, step=step):
-            name = f"{artifact_dir}/{local.name}" if artifact_dir else local.name
-            self.writer.submit(
-                f"trial {trial_id}: artifact {name} of epoch {step}",
-                lambda c, local=local, artifact_dir=artifact_dir: c.log_artifact(
-                    self._run(trial_id), str(local), artifact_dir
-                ),
+        with Image.open(path) as image:
+            client.log_image(
+                self._run(trial_id), image.convert("RGB"), key=key, step=step, synchronous=True
             )
+        self._imaged[trial_id, key] = step
 
     def trial_ended(
         self,
@@ -399,14 +434,19 @@ class SearchTracker:
             )
         else:
             shutil.rmtree(self._staging, ignore_errors=True)
+        self._pictures.shutdown(wait=False, cancel_futures=True)
         unregister(self)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait (at most `timeout_s`) until every queued MLflow call is done; True when all are.
 
-        While the store is down, it is tried once more and this returns when that fails too.
+        Pictures still being copied are waited for first, so their uploads are queued. While the
+        store is down, it is tried once more and this returns when that fails too.
         """
-        return self.writer.drain(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(TimeoutError, RuntimeError):  # RuntimeError: already shut down
+            self._pictures.submit(lambda: None).result(timeout=timeout_s)
+        return self.writer.drain(max(0.0, deadline - time.monotonic()))
 
     @contextlib.contextmanager
     def _reported(self, what: str) -> Iterator[None]:
@@ -522,9 +562,11 @@ class SearchTracker:
 
 
 def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric per-epoch metrics of a result that go to MLflow (see EPOCH_METRICS)."""
+    """The numeric per-epoch metrics of a result that go to MLflow: EPOCH_METRICS, per-class IoUs
+    and the node's system metrics (`system/...`, shown in the UI's System metrics tab)."""
     return {
         safe_key(key): float(value)
         for key, value in result.items()
-        if (key in EPOCH_METRICS or key.startswith(CLASS_IOU_PREFIX)) and is_number(value)
+        if (key in EPOCH_METRICS or key.startswith((CLASS_IOU_PREFIX, SYSTEM_PREFIX)))
+        and is_number(value)
     }
