@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from segsearch.errors import UserError, first_line
@@ -50,6 +50,10 @@ class Promotion:
     created: bool
     moved: bool
     previous: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (`segsearch promote --json`)."""
+        return asdict(self)
 
     def describe(self) -> str:
         """One line for the CLI."""
