@@ -100,17 +100,17 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ServiceUnavailable as err:
-            _fail(err, EXIT_UNAVAILABLE)
+            _fail(ctx, err, EXIT_UNAVAILABLE)
         except UserError as err:
-            _fail(err, EXIT_BAD_INPUT)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            _fail(ctx, err, EXIT_BAD_INPUT)
+        except KeyboardInterrupt as stop:
+            click.echo(f"interrupted: {stop}" if str(stop) else "interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
 
-def _fail(err: UserError, code: int) -> None:
+def _fail(ctx: click.Context, err: UserError, code: int) -> None:
     """The error's one line (under -v after its traceback), and exit `code`."""
-    if verbosity() > 0:
+    if ctx.meta.get(_VERBOSITY, 0) > 0:
         click.echo("".join(traceback.format_exception(err)).rstrip(), err=True)
     click.echo(f"error: {err}", err=True)
     sys.exit(code)

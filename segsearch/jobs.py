@@ -346,7 +346,7 @@ def follow(job_id: str, *, address: str, echo: Echo = print, check: bool = True)
         try:
             asyncio.run(_tail(client, job_id, echo))
         except KeyboardInterrupt:
-            raise UserError(
+            raise KeyboardInterrupt(
                 f"stopped following job {job_id}; it keeps running (`segsearch stop {job_id}` "
                 "ends it)"
             ) from None

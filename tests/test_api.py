@@ -101,7 +101,7 @@ def test_notebook_session_leaves_the_process_as_it_was(
 
     environ = dict(os.environ)  # a CLI run owns its process; the API calls below must not
     promotion = segsearch.promote("api", model_name="api-seg", tracking_uri=tracking)
-    assert promotion.trial == result.best_trial_id and promotion.version == "1"
+    assert promotion.trial == result.best_trial_id and str(promotion.version) == "1"
     model = segsearch.load_model("models:/api-seg@champion", tracking_uri=tracking)
     image = (np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)
     mask = model.predict(image)

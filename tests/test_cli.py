@@ -95,6 +95,9 @@ def test_an_unreachable_mlflow_server_exits_3_and_bad_input_2(tmp_path: Path) ->
         _one_error_line(run(*command, "--tracking-uri", dead), 3, dead, "unreachable")
     missing = f"sqlite:///{tmp_path}/nothing.db"
     _one_error_line(run("list", "--tracking-uri", missing), 2, "no MLflow database")
+    verbose = run("list", "-v", "--tracking-uri", missing)
+    assert verbose.exit_code == 2 and verbose.stderr.startswith("Traceback")
+    assert verbose.stderr.splitlines()[-1].startswith("error: no MLflow database")
 
 
 def test_an_unreachable_s3_endpoint_exits_3(tmp_path: Path) -> None:
