@@ -1,36 +1,134 @@
-"""The `segsearch` command line: thin click wrappers over the Python API."""
+"""The `segsearch` command line: thin click wrappers over the Python API.
+
+Exit codes: 0 done, 1 the work failed (every trial of a search, a followed job), 2 bad input,
+3 a service did not answer (S3, MLflow, Ray), 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import shlex
 import sys
 import time
+import traceback
+from typing import Any
 
 import click
 
-from segsearch.errors import UserError
+from segsearch import __version__
+from segsearch.console import console
+from segsearch.errors import ServiceUnavailable, UserError
 
 MODEL_TRACKING_HELP = "MLflow tracking URI for models:/ and runs:/ URIs."
 TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
-#: Exit code of a search stopped by Ctrl-C (128 + SIGINT, as shells report it).
+JSON_HELP = "Print the result as JSON on stdout, for scripts (progress goes to stderr)."
+#: Exit code of work that ran and failed: every trial of a search, a followed job.
+EXIT_FAILED = 1
+#: Exit code of bad input (a UserError).
+EXIT_BAD_INPUT = 2
+#: Exit code of an unreachable service: S3, MLflow, Ray (ServiceUnavailable).
+EXIT_UNAVAILABLE = 3
+#: Exit code of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
+_VERBOSITY = "segsearch.verbosity"
+EPILOG = (
+    "Exit codes: 0 done, 1 the work failed (all trials of a search, a followed job), 2 bad "
+    "input, 3 a service did not answer (S3, MLflow, Ray), 130 interrupted."
+)
+
+logger = logging.getLogger("segsearch.cli")
+
+
+def _count(delta: int):
+    """A -v/-q callback: add `delta` per use to the verbosity (one for group and command)."""
+
+    def add(ctx: click.Context, _param: click.Parameter, uses: int) -> None:
+        meta = ctx.meta
+        meta[_VERBOSITY] = meta.get(_VERBOSITY, 0) + delta * uses
+
+    return add
+
+
+def _verbosity_params() -> list[click.Option]:
+    """-v (repeatable) and -q, given before or after the command name."""
+    return [
+        click.Option(
+            ["-v", "--verbose"],
+            count=True,
+            expose_value=False,
+            callback=_count(1),
+            help="Also segsearch's debug lines, Ray's and MLflow's warnings and the workers' logs.",
+        ),
+        click.Option(
+            ["-q", "--quiet"],
+            count=True,
+            expose_value=False,
+            callback=_count(-1),
+            help="Warnings and results only: no progress lines.",
+        ),
+    ]
+
+
+def verbosity() -> int:
+    """The -v/-q balance of the running command: below 0 quiet, above 0 verbose."""
+    context = click.get_current_context(silent=True)
+    return context.meta.get(_VERBOSITY, 0) if context is not None else 0
+
+
+class _Command(click.Command):
+    """A command with -v/-q whose log records show on the console while it runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EPILOG)
+        super().__init__(*args, **kwargs)
+        self.params.extend(_verbosity_params())
+
+    def invoke(self, ctx: click.Context) -> Any:
+        stream = "stderr" if ctx.params.get("as_json") else "stdout"
+        with console(ctx.meta.get(_VERBOSITY, 0), info_stream=stream):
+            return super().invoke(ctx)
 
 
 class _Group(click.Group):
-    """Turns UserError into a one-line message on stderr and exit code 2, never a traceback."""
+    """Turns errors into one line on stderr and a distinct exit code, never a traceback: bad
+    input 2, an unreachable service 3, Ctrl-C 130 (-v adds the traceback)."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ServiceUnavailable as err:
+            _fail(ctx, err, EXIT_UNAVAILABLE)
         except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            _fail(ctx, err, EXIT_BAD_INPUT)
+        except KeyboardInterrupt as stop:
+            click.echo(f"interrupted: {stop}" if str(stop) else "interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
 
-@click.group(cls=_Group)
-@click.version_option(package_name="segsearch")
+def _fail(ctx: click.Context, err: UserError, code: int) -> None:
+    """The error's one line (under -v after its traceback), and exit `code`."""
+    if ctx.meta.get(_VERBOSITY, 0) > 0:
+        click.echo("".join(traceback.format_exception(err)).rstrip(), err=True)
+    click.echo(f"error: {err}", err=True)
+    sys.exit(code)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EPILOG,
+    params=_verbosity_params(),
+)
+@click.version_option(__version__, "-V", "--version", prog_name="segsearch")
 def main() -> None:
-    """Search semantic-segmentation models with Optuna in Ray Tune, tracked in MLflow."""
+    """Search semantic-segmentation models with Optuna in Ray Tune, tracked in MLflow.
+
+    Shell completion: eval "$(_SEGSEARCH_COMPLETE=bash_source segsearch)" in ~/.bashrc
+    (zsh_source for zsh, fish_source for fish).
+    """
 
 
 @main.command()
@@ -88,7 +186,7 @@ def ingest(
         colors=colors,
         ignore_index=ignore_index,
         overwrite=overwrite,
-        progress=True,
+        progress=verbosity() >= 0,
     )
     splits = ", ".join(f"{name} {count}" for name, count in info.splits.items())
     click.echo(
@@ -114,6 +212,13 @@ def ingest(
 @click.option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else local Ray).")
 @click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted search of this name.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check space, dataset, tracking and cluster; print sampled configs and the resource "
+    "plan; run and write nothing.",
+)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def search(
     space_file: str,
     dataset: str,
@@ -124,12 +229,23 @@ def search(
     address: str | None,
     tracking_uri: str | None,
     resume: bool,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
-    from segsearch.search.tuner import SearchInterrupted, run_search
+    from segsearch.console import echo
     from segsearch.space import load_space
 
     spec = load_space(space_file).with_overrides(name=name, trials=trials, epochs=epochs)
+    logger.debug(f"search {spec.name}: {spec.trials} trials × {spec.epochs} epochs on {dataset}")
+    if dry_run:
+        from segsearch.search.plan import plan_search
+
+        plan = plan_search(spec, dataset=dataset, address=address, tracking_uri=tracking_uri)
+        _emit(plan.to_dict() if as_json else plan.describe(), as_json)
+        return
+    from segsearch.search.tuner import SearchInterrupted, run_search
+
     try:
         result = run_search(
             spec,
@@ -139,6 +255,7 @@ def search(
             address=address,
             tracking_uri=tracking_uri,
             space_path=space_file,
+            echo=echo,
         )
     except SearchInterrupted as stop:
         options = {
@@ -151,7 +268,7 @@ def search(
             "--tracking-uri": tracking_uri,
         }
         _interrupted(space_file, options)
-    _print_result(result)
+    _print_result(result, as_json=as_json)
 
 
 @main.command()
@@ -164,6 +281,7 @@ def demo(
     trials: int | None, epochs: int | None, data: str, storage: str | None, tracking_uri: str | None
 ) -> None:
     """Run a real search on a built-in dataset with local Ray; print the best and worst trial."""
+    from segsearch.console import echo
     from segsearch.data.demo import make_demo_dataset
     from segsearch.data.format import read_dataset_info
     from segsearch.search.tuner import SearchInterrupted, run_search
@@ -172,14 +290,19 @@ def demo(
     try:
         read_dataset_info(data)
     except UserError:
-        click.echo(f"writing the demo dataset to {data}")
+        echo(f"writing the demo dataset to {data}")
         make_demo_dataset(data, n_train=256, n_val=48, size=(48, 48), overwrite=True)
     space_path = packaged_space("demo.yaml")
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = load_space(space_path).with_overrides(name=name, trials=trials, epochs=epochs)
     try:
         result = run_search(
-            spec, dataset=data, storage=storage, tracking_uri=tracking_uri, space_path=space_path
+            spec,
+            dataset=data,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            space_path=space_path,
+            echo=echo,
         )
     except SearchInterrupted as stop:
         options = {
@@ -204,16 +327,23 @@ def _interrupted(space_file: str, options: dict[str, object]) -> None:
     sys.exit(EXIT_INTERRUPTED)
 
 
-def _print_result(result) -> None:
-    click.echo(f"\n{result.table()}\n")
+def _print_result(result, *, as_json: bool = False) -> None:
+    """The trials table and the best trial (or the result as JSON); exit 1 if all trials failed."""
     failed = [trial for trial in result.trials if trial["error"] is not None]
-    for trial in failed:
-        click.echo(f"trial {trial['trial_id']} failed: {trial['error']}")
-    if failed and len(failed) == len(result.trials):
+    all_failed = bool(failed) and len(failed) == len(result.trials)
+    if as_json:
+        _emit(result.to_dict(), True)
+    else:
+        click.echo(f"\n{result.table()}\n")
+        for trial in failed:
+            click.echo(f"trial {trial['trial_id']} failed: {trial['error']}")
+    if all_failed:
         click.echo(f"error: all {len(failed)} trials failed ({failed[0]['error']})", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     if result.best_trial_id is None:
         raise UserError(f"search {result.name!r}: no trial reported {result.metric}")
+    if as_json:
+        return
     click.echo(
         f"best trial {result.best_trial_id}: {result.metric}={result.best_metric:.4f} "
         f"(worst {result.worst_metric:.4f})"
@@ -221,11 +351,17 @@ def _print_result(result) -> None:
     click.echo(f"best checkpoint: {result.best_checkpoint}")
 
 
+def _emit(value: Any, as_json: bool) -> None:
+    """A command's result on stdout: JSON for scripts, else the text as it is."""
+    click.echo(json.dumps(value, indent=2, default=str) if as_json else value)
+
+
 _address_option = click.option(
     "--address",
     required=True,
-    envvar="RAY_API_SERVER_ADDRESS",
-    help="The cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS).",
+    envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+    help="The cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else "
+    "$RAY_ADDRESS, as `ray job` reads them).",
 )
 
 
@@ -314,19 +450,31 @@ def submit(
         )
     except jobs.JobFailed as err:
         click.echo(f"error: {err}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
 @click.argument("job_id")
 @_address_option
-def status(job_id: str, address: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def status(job_id: str, address: str, as_json: bool) -> None:
     """Show a submitted job's status."""
     from segsearch import jobs
 
     info = jobs.status(job_id, address=address)
-    click.echo(f"job {job_id}: {info.status}")
     search_name = (info.metadata or {}).get("segsearch.search")
+    if as_json:
+        shown = {
+            "job_id": job_id,
+            "status": str(info.status),
+            "search": search_name,
+            "start_time": info.start_time,
+            "end_time": info.end_time,
+            "message": jobs.headline(info.message) or None,
+        }
+        _emit(shown, True)
+        return
+    click.echo(f"job {job_id}: {info.status}")
     if search_name:
         click.echo(f"search: {search_name}")
     for label, stamp in (("started", info.start_time), ("ended", info.end_time)):
@@ -374,10 +522,7 @@ def stop(job_id: str, address: str) -> None:
     help="Whether a larger or a smaller metric is better.",
 )
 @click.option("--force", is_flag=True, help="Move the alias even to a model that scored worse.")
-@click.option(
-    "--tracking-uri",
-    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
-)
+@click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option(
     "--export",
     "export_format",
@@ -385,6 +530,7 @@ def stop(job_id: str, address: str) -> None:
     help="Also export the model (as `segsearch export`), check it on its dataset and attach the "
     "file to the version, under export/ in its files; a failed check changes nothing (exit 1).",
 )
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def promote(
     search_name: str,
     model_name: str,
@@ -394,6 +540,7 @@ def promote(
     force: bool,
     tracking_uri: str | None,
     export_format: str | None,
+    as_json: bool,
 ) -> None:
     """Register the best finished trial of SEARCH_NAME in the MLflow Model Registry."""
     from segsearch.serve.export import ExportFailed
@@ -412,10 +559,52 @@ def promote(
         )
     except ExportFailed as err:
         click.echo(f"error: {err}; nothing promoted", err=True)
-        sys.exit(1)
-    click.echo(done.describe())
-    if done.export:
+        sys.exit(EXIT_FAILED)
+    _emit(done.to_dict() if as_json else done.describe(), as_json)
+    if done.export and not as_json:
         click.echo(done.export)
+
+
+@main.command("list")
+@click.option("--tracking-uri", help=TRACKING_HELP)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def list_command(tracking_uri: str | None, as_json: bool) -> None:
+    """List the searches in the tracking store: state, trials, best score; newest first."""
+    from segsearch.tracking.catalog import list_searches
+
+    found = list_searches(tracking_uri=tracking_uri)
+    if as_json:
+        _emit([summary.to_dict() for summary in found], True)
+        return
+    if not found:
+        click.echo("no searches in this tracking store")
+        return
+    rows = [["search", "state", "trials", "best", "trial", "started"]] + [
+        [
+            s.name,
+            s.state,
+            str(s.trials),
+            "-" if s.best_metric is None else f"{s.metric}={s.best_metric:.4f}",
+            s.best_trial_id or "-",
+            time.strftime("%F %T", time.localtime(s.started / 1000)),
+        ]
+        for s in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.argument("search_name")
+@click.option("--tracking-uri", help=TRACKING_HELP)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def best(search_name: str, tracking_uri: str | None, as_json: bool) -> None:
+    """Show the best trial of SEARCH_NAME: score, MLflow run, logged model, parameters."""
+    from segsearch.tracking.catalog import best_trial
+
+    found = best_trial(search_name, tracking_uri=tracking_uri)
+    _emit(found.to_dict() if as_json else found.describe(), as_json)
 
 
 def _inference_options(command):
@@ -539,7 +728,7 @@ def predict(
 @click.argument("model_uris", nargs=-1, metavar="[MODEL_URI]...")
 @click.argument("dataset")
 @click.option("--split", default="test", show_default=True, help="The dataset split to score.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON, for scripts.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.option(
     "--log/--no-log",
     default=True,
@@ -572,8 +761,6 @@ def evaluate(
     --top-k K --search NAME) are scored as one ensemble, as `segsearch predict` runs it; an
     ensemble has no run, so it is not logged.
     """
-    import json
-
     from segsearch.serve.evaluate import artifact_dir
     from segsearch.serve.evaluate import evaluate as run_evaluate
 
@@ -595,7 +782,7 @@ def evaluate(
         log=log,
     )
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        _emit(result.to_dict(), True)
         return
     click.echo(result.table())
     if result.run_id is not None:
@@ -660,7 +847,7 @@ def export_model(
         )
     except ExportFailed as err:
         click.echo(f"error: {err}; nothing written to {out}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     click.echo(f"wrote {out} ({fmt}); checked on {done.dataset} ({done.split}):")
     click.echo(f"  {done.check.describe()}")
 

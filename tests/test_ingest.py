@@ -66,9 +66,9 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def assert_refused(code: int, stderr: str, *names: str) -> None:
-    """Exit code 2 and one line on stderr naming each of `names`."""
-    assert code == 2, stderr
+def assert_refused(code: int, stderr: str, *names: str, exit_code: int = 2) -> None:
+    """Exit code 2 (or `exit_code`) and one line on stderr naming each of `names`."""
+    assert code == exit_code, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for name in names:
@@ -525,7 +525,7 @@ def test_unreachable_endpoint_names_it_not_the_secret(tmp_path, monkeypatch) -> 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "top-secret-value")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     code, _, err = run_cli(str(images), str(masks), "s3://somebucket/ds", "--classes", CLASSES)
-    assert_refused(code, err, endpoint, "somebucket", "cannot reach")
+    assert_refused(code, err, endpoint, "somebucket", "cannot reach", exit_code=3)
     assert "top-secret-value" not in err
 
 

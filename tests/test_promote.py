@@ -268,7 +268,7 @@ def test_promote_errors_are_one_line(mlflow_server, searches):
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_unknown_model_and_unreachable_server_exit_2(mlflow_server, tmp_path):
+def test_unknown_model_exits_2_and_unreachable_server_3(mlflow_server, tmp_path):
     image_folder(tmp_path / "in")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -278,17 +278,19 @@ def test_unknown_model_and_unreachable_server_exit_2(mlflow_server, tmp_path):
             ("predict", "models:/no-such-model@champion", str(tmp_path / "in"), str(tmp_path)),
             mlflow_server,
             "cannot load model models:/no-such-model@champion",
+            2,
         ),
         (
             ("predict", "models:/pets-seg@champion", str(tmp_path / "in"), str(tmp_path)),
             dead,
             f"MLflow tracking server {dead} is unreachable",
+            3,
         ),
-        (("promote", "pets-v1", "--model-name", "m"), dead, "is unreachable"),
+        (("promote", "pets-v1", "--model-name", "m"), dead, "is unreachable", 3),
     ]
-    for args, uri, message in cases:
+    for args, uri, message, code in cases:
         result = run_cli(*args, "--tracking-uri", uri)
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == code, result.output
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
 

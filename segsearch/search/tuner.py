@@ -69,6 +69,27 @@ class SearchResult:
     def table(self) -> str:
         return format_table(self.trials, metric=self.metric)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (`segsearch search --json`): every trial but its history."""
+        fields = ("name", "metric", "mode", "best_trial_id", "best_metric", "best_config")
+        data = {name: getattr(self, name) for name in fields}
+        data["best_checkpoint"] = self.best_checkpoint
+        data["experiment_path"] = self.experiment_path
+        data["trials"] = [{k: v for k, v in t.items() if k != "history"} for t in self.trials]
+        return data
+
+    def to_dataframe(self, *, history: bool = False) -> Any:
+        """The trials as a pandas DataFrame: a row per trial (id, score, epochs, error,
+        checkpoint, a column per parameter), or with `history` a row per trial and epoch."""
+        import pandas as pd
+
+        if history:
+            return pd.DataFrame(
+                [{"trial_id": t["trial_id"], **row} for t in self.trials for row in t["history"]]
+            )
+        columns = ("trial_id", self.metric, "epochs", "error", "checkpoint")
+        return pd.DataFrame([{**{c: t[c] for c in columns}, **t["config"]} for t in self.trials])
+
 
 def run_search(
     spec: SearchSpec,
@@ -123,8 +144,8 @@ def run_search(
     except BaseException as err:
         tracker.failed(last_line(err))
         found = user_error_in(err)
-        if found is not None:
-            raise UserError(str(found)) from None
+        if found is not None:  # of its own kind: ServiceUnavailable keeps its exit code
+            raise type(found)(str(found)) from None
         raise
     if stop_signal.seen or _interrupted(grid, spec):
         tracker.interrupted()

@@ -12,7 +12,7 @@ import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,10 @@ class Promotion:
     previous: str | None
     export: str | None = None
     """With --export: what was attached to the version, and its check, in one line."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (`segsearch promote --json`)."""
+        return asdict(self)
 
     def describe(self) -> str:
         """One line for the CLI."""

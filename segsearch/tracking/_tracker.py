@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -101,8 +100,11 @@ class TrackingSummary:
     unlogged: tuple[str, ...]
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _log(line: str) -> None:
+    """Tracking notes and warnings as segsearch log records (shown by the CLI, -q hides notes)."""
+    from segsearch.console import echo
+
+    echo(line)
 
 
 class SearchTracker:
@@ -147,7 +149,7 @@ class SearchTracker:
         settings: Mapping[str, Any],
         epochs: int,
         dataset_fingerprint: str | None = None,
-        echo: Callable[[str], None] = _stderr,
+        echo: Callable[[str], None] = _log,
         retry_every_s: float = 15.0,
     ) -> SearchTracker:
         """Open (or reopen, on resume) the search's parent run; UserError if MLflow is unusable.
