@@ -114,6 +114,16 @@ def ingest(
 @click.option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else local Ray).")
 @click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted search of this name.")
+@click.option(
+    "--optuna-storage",
+    help="SQLAlchemy URL of the Optuna study's database (default: optuna.db beside a local "
+    "MLflow store, else in --storage, else in ~/.segsearch; $SEGSEARCH_OPTUNA_STORAGE).",
+)
+@click.option(
+    "--warm-start",
+    metavar="SEARCH",
+    help="First try the best configurations of this earlier search (the space's warm_start).",
+)
 def search(
     space_file: str,
     dataset: str,
@@ -124,12 +134,17 @@ def search(
     address: str | None,
     tracking_uri: str | None,
     resume: bool,
+    optuna_storage: str | None,
+    warm_start: str | None,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
+    from segsearch.mlflow_uri import without_password
     from segsearch.search.tuner import SearchInterrupted, run_search
     from segsearch.space import load_space
 
-    spec = load_space(space_file).with_overrides(name=name, trials=trials, epochs=epochs)
+    spec = load_space(space_file).with_overrides(
+        name=name, trials=trials, epochs=epochs, warm_start=warm_start
+    )
     try:
         result = run_search(
             spec,
@@ -139,6 +154,7 @@ def search(
             address=address,
             tracking_uri=tracking_uri,
             space_path=space_file,
+            optuna_storage=optuna_storage,
         )
     except SearchInterrupted as stop:
         options = {
@@ -149,6 +165,7 @@ def search(
             "--storage": storage,
             "--address": address,
             "--tracking-uri": tracking_uri,
+            "--optuna-storage": optuna_storage and without_password(optuna_storage),
         }
         _interrupted(space_file, options)
     _print_result(result)
