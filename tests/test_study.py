@@ -15,6 +15,7 @@ from segsearch.search.study import (
     LOST_REASON,
     StudySearch,
     check_new_study,
+    open_storage,
     registered,
     resolve_study_storage,
     sampler_for,
@@ -171,7 +172,9 @@ def test_warm_start_takes_the_best_complete_trials_that_fit_the_space(tmp_path):
     _earlier_study(url)
     spec = parse_space(space(warm_start={"search": "earlier", "top_k": 3}))
     lines: list[str] = []
-    points = warm_start_points(spec, url, echo=lines.append)
+    points = warm_start_points(
+        spec, url, tracking_uri=f"sqlite:///{tmp_path}/m.db", echo=lines.append
+    )
     assert points == [
         {"model.arch": "fcn", "model.fcn_skips": "8s", "optim.lr": 0.02},
         {"model.arch": "unet", "optim.lr": 0.003},
@@ -181,15 +184,15 @@ def test_warm_start_takes_the_best_complete_trials_that_fit_the_space(tmp_path):
         "(model.arch='densenet' is outside this space)"
     ]
     missing = parse_space(space(warm_start="nowhere"))
-    with pytest.raises(UserError, match="no Optuna study named 'nowhere'"):
-        warm_start_points(missing, url, echo=lines.append)
+    with pytest.raises(UserError, match="no search named 'nowhere': neither an Optuna study"):
+        warm_start_points(missing, url, tracking_uri=f"sqlite:///{tmp_path}/m.db", echo=print)
 
 
 def test_warm_start_configurations_are_the_first_trials_asked(tmp_path):
     url = f"sqlite:///{tmp_path}/optuna.db"
     _earlier_study(url)
     spec = parse_space(space(warm_start="earlier"))
-    points = warm_start_points(spec, url, echo=lambda line: None)
+    points = warm_start_points(spec, url, tracking_uri="unused", echo=lambda line: None)
     searcher = StudySearch(spec=spec, url=url, points_to_evaluate=points)
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert first == {"model.arch": "fcn", "model.fcn_skips": "8s", "optim.lr": 0.02}
@@ -220,3 +223,48 @@ def test_pictures_come_from_the_study_and_leave_matplotlib_as_it_was(tmp_path):
     from matplotlib import pyplot
 
     assert pyplot.get_fignums() == []
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://seg:hunter2-pw@127.0.0.1:1/optuna", "nodb://seg:hunter2-pw@host/x"]
+)
+def test_a_storage_that_cannot_open_is_one_line_without_its_password(url):
+    with pytest.raises(UserError) as caught:
+        open_storage(url)
+    message = str(caught.value)
+    assert message.startswith("Optuna storage ") and "seg:***@" in message
+    assert "hunter2-pw" not in message and "\n" not in message
+
+
+def test_warm_start_reads_the_mlflow_runs_of_a_search_without_a_study(tmp_path):
+    """An older search (no study in this storage): its completed trial runs, best first, with
+    MLflow's text params read back as the space's values."""
+    from mlflow import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("older")
+    runs = [
+        ({"model.arch": "unet", "optim.lr": "0.004", "batch_size": "8"}, 0.6, "completed"),
+        ({"model.arch": "fcn", "model.fcn_skips": "16s", "optim.lr": "0.01"}, 0.7, "completed"),
+        ({"model.arch": "unet", "optim.lr": "0.09"}, 0.9, "stopped_early"),
+        ({"model.arch": "fcn", "optim.lr": "0.02"}, 0.5, "completed"),
+    ]
+    for params, miou, status in runs:
+        tags = {"segsearch.role": "trial", "segsearch.status": status}
+        run = client.create_run(experiment, tags=tags)
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        client.log_metric(run.info.run_id, "val_miou", miou, step=3)
+        client.set_terminated(run.info.run_id)
+    spec = parse_space(space(warm_start="older"))
+    lines: list[str] = []
+    points = warm_start_points(
+        spec, f"sqlite:///{tmp_path}/optuna.db", tracking_uri=tracking_uri, echo=lines.append
+    )
+    assert points == [
+        {"model.arch": "fcn", "model.fcn_skips": "16s", "optim.lr": 0.01},
+        {"model.arch": "unet", "optim.lr": 0.004},
+    ]
+    assert lines[0].startswith("warm start: 2 of the best 3 trial(s) of MLflow experiment 'older'")
+    assert lines[0].endswith("(no value for model.fcn_skips)")

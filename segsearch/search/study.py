@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import pickle
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,8 +74,12 @@ def open_storage(url: str) -> Any:
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as err:
+        reason = first_line(err)
+        password = urllib.parse.urlsplit(url).password
+        if password:
+            reason = reason.replace(password, "***")
         raise UserError(
-            f"Optuna storage {without_password(url)}: cannot open ({first_line(err)}); "
+            f"Optuna storage {without_password(url)}: cannot open ({reason}); "
             "pass another --optuna-storage"
         ) from None
 

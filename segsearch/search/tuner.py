@@ -113,7 +113,7 @@ def run_search(
     study_url = resolve_study_storage(
         optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
     )
-    points = [] if can_restore else _new_study(spec, study_url, echo)
+    points = [] if can_restore else _new_study(spec, study_url, tracking_uri, echo)
     init_ray(address)
     check_capacity(spec.resources)
     tracker = SearchTracker.start(
@@ -162,7 +162,9 @@ def _finished_study(name: str, url: str, echo: Callable[[str], None]) -> Any:
         return None
 
 
-def _new_study(spec: SearchSpec, url: str, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+def _new_study(
+    spec: SearchSpec, url: str, tracking_uri: str | None, echo: Callable[[str], None]
+) -> list[dict[str, Any]]:
     """Check that a new search starts its own study; the warm-start configurations it tries
     first."""
     if spec.warm_start and spec.warm_start.search == spec.name:
@@ -170,7 +172,7 @@ def _new_study(spec: SearchSpec, url: str, echo: Callable[[str], None]) -> list[
     check_new_study(spec.name, url)
     shown = without_password(url)
     echo(f"Optuna: study {spec.name!r} in {shown} (watch it: optuna-dashboard {shown})")
-    return warm_start_points(spec, url, echo=echo)
+    return warm_start_points(spec, url, tracking_uri=resolve_tracking_uri(tracking_uri), echo=echo)
 
 
 def _tuner(
