@@ -360,7 +360,7 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
         notes=f"synced with secret {s3_secret} and env-token-that-must-not-leak",
         fail_flag=_touch(tmp_path / "fail"),
     )
-    summary = tracker.finish(results, metric="val_miou", mode="max")
+    summary = tracker.finish(results, metric="val_miou", mode="max", study=_study())
 
     assert summary.unlogged == ()
     client = MlflowClient(tracking_uri=uri)
@@ -400,6 +400,10 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
         "dataset.json",
         "best_config.json",
         "trials.csv",
+        "param_importances.png",
+        "optimization_history.png",
+        "parallel_coordinates.png",
+        "intermediate_values.png",
     } <= artifacts(client, parent.info.run_id)
     assert summary.best_run_id == good.info.run_id
     assert good.data.tags["segsearch.best"] == "true"
@@ -500,6 +504,30 @@ def test_search_on_mlflow_server_puts_overlays_in_s3_and_no_secret_in_params(
     assert summary.model_uri
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
     assert_no_secrets(client, [parent, *children], [PLANTED_SECRET, *secrets])
+
+
+def _study() -> Any:
+    """A small Optuna study, as a search's StudySearch leaves it, for the parent run's pictures."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-12, 1e-2, log=True)
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    for rate, value, state in ((GOOD_LR, 0.8, complete), (BAD_LR, 0.15, pruned)):
+        trial = optuna.trial.create_trial(
+            params={"optim.lr": rate},
+            distributions={"optim.lr": lr},
+            value=value if state == complete else None,
+            intermediate_values={1: value},
+            state=state,
+        )
+        study.add_trial(trial)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"optim.lr": FAILING_LR}, distributions={"optim.lr": lr}, value=0.7
+        )
+    )
+    return study
 
 
 def _touch(path: Path) -> str:
