@@ -213,6 +213,16 @@ def ingest(
 @click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted search of this name.")
 @click.option(
+    "--optuna-storage",
+    help="SQLAlchemy URL of the Optuna study's database (default: optuna.db beside a local "
+    "MLflow store, else in --storage, else in ~/.segsearch; $SEGSEARCH_OPTUNA_STORAGE).",
+)
+@click.option(
+    "--warm-start",
+    metavar="SEARCH",
+    help="First try the best configurations of this earlier search (the space's warm_start).",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Check space, dataset, tracking and cluster; print sampled configs and the resource "
@@ -229,14 +239,19 @@ def search(
     address: str | None,
     tracking_uri: str | None,
     resume: bool,
+    optuna_storage: str | None,
+    warm_start: str | None,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
     from segsearch.console import echo
+    from segsearch.mlflow_uri import without_password
     from segsearch.space import load_space
 
-    spec = load_space(space_file).with_overrides(name=name, trials=trials, epochs=epochs)
+    spec = load_space(space_file).with_overrides(
+        name=name, trials=trials, epochs=epochs, warm_start=warm_start
+    )
     logger.debug(f"search {spec.name}: {spec.trials} trials × {spec.epochs} epochs on {dataset}")
     if dry_run:
         from segsearch.search.plan import plan_search
@@ -256,6 +271,7 @@ def search(
             tracking_uri=tracking_uri,
             space_path=space_file,
             echo=echo,
+            optuna_storage=optuna_storage,
         )
     except SearchInterrupted as stop:
         options = {
@@ -266,6 +282,7 @@ def search(
             "--storage": storage,
             "--address": address,
             "--tracking-uri": tracking_uri,
+            "--optuna-storage": optuna_storage and without_password(optuna_storage),
         }
         _interrupted(space_file, options)
     _print_result(result, as_json=as_json)

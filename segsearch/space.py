@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from segsearch.errors import UserError
 from segsearch.values import is_number
@@ -17,6 +17,8 @@ from segsearch.values import is_number
 Scalar = str | int | float | bool | None
 SECTIONS = ("model", "loss", "optim", "aug")
 TOP_LEVEL_KEYS = ("batch_size", "image_size", "seed")
+#: Configurations of the earlier search a warm start tries first, unless `top_k` says.
+DEFAULT_WARM_TOP_K = 3
 
 
 class _Strict(BaseModel):
@@ -25,13 +27,32 @@ class _Strict(BaseModel):
 
 class SchedulerSpec(_Strict):
     kind: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(default=1, ge=1)
+    grace_period: int | None = Field(default=None, ge=1)
     reduction_factor: float = Field(default=3, gt=1)
+
+    def grace_for(self, epochs: int) -> int:
+        """ASHA's first rung: as given, else a third of the epochs and never before epoch 2, so
+        trials are compared after the first epochs in which every model predicts background."""
+        grace = self.grace_period or max(2, math.ceil(epochs / 3))
+        return min(grace, epochs)
 
 
 class SamplerSpec(_Strict):
     kind: Literal["tpe", "random"] = "tpe"
     seed: int | None = 0
+    startup_trials: int | None = Field(default=None, ge=1)
+
+    def startup_for(self, trials: int) -> int:
+        """Random trials before TPE models the results: as given, else a third of the trials
+        between 2 and Optuna's own 10 (with 10, a search of 10 trials or fewer is random)."""
+        return self.startup_trials or min(10, max(2, trials // 3))
+
+
+class WarmStartSpec(_Strict):
+    """Start with the best `top_k` configurations of an earlier search that fit this space."""
+
+    search: str = Field(min_length=1)
+    top_k: int = Field(default=DEFAULT_WARM_TOP_K, ge=1)
 
 
 class ResourcesSpec(_Strict):
@@ -51,9 +72,15 @@ class SearchSpec(_Strict):
     epochs: int = Field(default=10, ge=1)
     scheduler: SchedulerSpec = SchedulerSpec()
     sampler: SamplerSpec = SamplerSpec()
+    warm_start: WarmStartSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _warm_start_by_name(cls, value: Any) -> Any:
+        return {"search": value} if isinstance(value, str) else value
 
     @property
     def params(self) -> list[Param]:
@@ -68,8 +95,11 @@ class SearchSpec(_Strict):
         return flatten_sections(self.fixed)
 
     def with_overrides(self, **overrides: Any) -> SearchSpec:
-        """A copy with CLI overrides (trials, epochs, name) applied where given."""
+        """A copy with CLI overrides (trials, epochs, name, warm_start) applied where given."""
         given = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(given.get("warm_start"), str):
+            top_k = self.warm_start.top_k if self.warm_start else DEFAULT_WARM_TOP_K
+            given["warm_start"] = WarmStartSpec(search=given["warm_start"], top_k=top_k)
         return self.model_copy(update=given)
 
 

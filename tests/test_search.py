@@ -271,3 +271,54 @@ def _result_rows(experiment: Path) -> dict[str, list[dict]]:
         lines = result_file.read_text().splitlines()
         rows[result_file.parent.name] = [json.loads(line) for line in lines if line.strip()]
     return rows
+
+
+@pytest.mark.slow
+def test_search_keeps_a_persistent_optuna_study_that_resume_continues_and_warm_start_reads(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    """The study, opened with Optuna's own loader, holds every epoch and the ASHA-stopped trial
+    as PRUNED; --resume adds no trial; the next search warm-starts from its best config."""
+    import optuna
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = tiny_space(
+        "studied",
+        trials=2,
+        epochs=2,
+        max_concurrent=1,
+        scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        sampler={"kind": "random", "seed": 0},  # draws lr 0.02, then 1e-12
+    )
+    space["space"] = {
+        "model.arch": {"choice": ["unet"]},
+        "model.width": {"choice": [8]},
+        "optim.lr": {"choice": [1.0e-12, 0.02]},
+    }
+    options = {"dataset": tiny_dataset, "storage": str(tmp_path), "tracking_uri": tracking_uri}
+    run_search(parse_space(space), **options)
+
+    url = f"sqlite:///{tmp_path}/optuna.db"  # beside the MLflow store
+    study = optuna.load_study(study_name="studied", storage=url)
+    good, stopped = study.get_trials()
+    assert good.params["optim.lr"] == 0.02 and stopped.params["optim.lr"] == 1.0e-12
+    assert good.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(good.intermediate_values) == [1, 2] and good.value == good.intermediate_values[2]
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert sorted(stopped.intermediate_values) == [1]
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("studied")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`segsearch.role` = 'search'")
+    assert {
+        "optimization_history.png",
+        "parallel_coordinates.png",
+        "intermediate_values.png",
+    } <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    run_search(parse_space(space), resume=True, **options)
+    assert len(optuna.load_study(study_name="studied", storage=url).get_trials()) == 2
+
+    warm = tiny_space("warmed", trials=1, epochs=1, warm_start="studied")
+    warm["space"] = {**space["space"], "optim.lr": {"float": [1.0e-3, 5.0e-2], "log": True}}
+    result = run_search(parse_space(warm), **options)
+    assert result.trials[0]["config"]["optim.lr"] == 0.02

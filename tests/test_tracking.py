@@ -335,26 +335,6 @@ def test_clean_masks_real_secrets_by_value_but_never_paths(monkeypatch, tmp_path
     assert mask(f"checkpoint {work}/runs/x") == f"checkpoint {work}/runs/x"
 
 
-def test_search_pictures_draw_with_few_or_unscored_trials(tmp_path):
-    from segsearch.tracking import _pictures
-    from segsearch.tracking._outcome import TrialOutcome
-
-    trials = [
-        TrialOutcome(
-            "t_00000", {"optim.lr": 0.1, "model.arch": "fcn"}, {"val_miou": 0.5}, "completed"
-        ),
-        TrialOutcome("t_00001", {"optim.lr": 0.2, "model.arch": "unet"}, {}, "error"),
-    ]
-    with pytest.raises(ValueError, match="fewer than 2"):
-        _pictures.param_importances(None, trials, metric="val_miou", mode="max")
-    for subset in (trials, trials[1:], []):
-        history = tmp_path / f"history-{len(subset)}.png"
-        _pictures.history_chart(subset, history, metric="val_miou", mode="max")
-        parallel = tmp_path / f"parallel-{len(subset)}.png"
-        _pictures.parallel_chart(subset, parallel, metric="val_miou")
-        assert history.read_bytes()[:4] == parallel.read_bytes()[:4] == b"\x89PNG"
-
-
 def test_unreachable_server_fails_before_any_trial(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -395,7 +375,7 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
         notes=f"synced with secret {s3_secret} and env-token-that-must-not-leak",
         fail_flag=_touch(tmp_path / "fail"),
     )
-    summary = tracker.finish(results, metric="val_miou", mode="max")
+    summary = tracker.finish(results, metric="val_miou", mode="max", study=_study())
 
     assert summary.unlogged == ()
     client = MlflowClient(tracking_uri=uri)
@@ -438,6 +418,7 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
         "param_importances.png",
         "optimization_history.png",
         "parallel_coordinates.png",
+        "intermediate_values.png",
     } <= artifacts(client, parent.info.run_id)
     assert summary.best_run_id == good.info.run_id
     assert good.data.tags["segsearch.best"] == "true"
@@ -538,10 +519,34 @@ def test_search_on_mlflow_server_puts_overlays_in_s3_and_no_secret_in_params(
         run_id = child.info.run_id
         assert any(run_id in k and k.endswith("/overlays.png") for k in keys), run_id
         assert any(run_id in k and "/images/overlays+step+1+" in k for k in keys), run_id
-    assert any(parent.info.run_id in k and k.endswith("/param_importances.png") for k in keys)
+    assert any(parent.info.run_id in k and k.endswith("/trials.csv") for k in keys)
     assert summary.model_uri
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
     assert_no_secrets(client, [parent, *children], [PLANTED_SECRET, *secrets])
+
+
+def _study() -> Any:
+    """A small Optuna study, as a search's StudySearch leaves it, for the parent run's pictures."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-12, 1e-2, log=True)
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    for rate, value, state in ((GOOD_LR, 0.8, complete), (BAD_LR, 0.15, pruned)):
+        trial = optuna.trial.create_trial(
+            params={"optim.lr": rate},
+            distributions={"optim.lr": lr},
+            value=value if state == complete else None,
+            intermediate_values={1: value},
+            state=state,
+        )
+        study.add_trial(trial)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"optim.lr": FAILING_LR}, distributions={"optim.lr": lr}, value=0.7
+        )
+    )
+    return study
 
 
 def _touch(path: Path) -> str:

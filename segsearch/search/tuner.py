@@ -19,11 +19,19 @@ from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
 from segsearch.errors import UserError, last_line, user_error_in
-from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
+from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
 from segsearch.search.capacity import TRIAL_DRIVER_CPUS, check_capacity
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress, format_table, print_line
+from segsearch.search.study import (
+    StudySearch,
+    check_new_study,
+    load_study,
+    registered,
+    resolve_study_storage,
+)
 from segsearch.search.trial import KeepTrialHistory, TrialContext, overlay_batch, run_trial
+from segsearch.search.warm_start import warm_start_points
 from segsearch.space import SearchSpec, nest
 from segsearch.tracking import SearchTracker
 
@@ -100,6 +108,7 @@ def run_search(
     address: str | None = None,
     tracking_uri: str | None = None,
     space_path: str | Path | None = None,
+    optuna_storage: str | None = None,
     echo: Callable[[str], None] = print_line,
 ) -> SearchResult:
     """Run (or resume) a search described by `spec` over the dataset at `dataset`.
@@ -107,7 +116,8 @@ def run_search(
     Everything a user can get wrong (space, dataset, storage, tracking server, resources the
     cluster cannot give) is checked before anything is written. Every trial is tracked in MLflow
     (`tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) under an experiment
-    named after the search. Raises SearchInterrupted after Ctrl-C (runs marked KILLED); any
+    named after the search; its Optuna study, of the same name, is kept in `optuna_storage` (see
+    `resolve_study_storage`). Raises SearchInterrupted after Ctrl-C (runs marked KILLED); any
     error after the parent run opened ends it as FAILED, and a UserError stays one line.
     """
     from segsearch.ray_setup import init_ray, quiet_ray
@@ -121,6 +131,10 @@ def run_search(
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     can_restore = _can_restore(experiment_path, resume=resume, name=spec.name)
     check_tracking_server(resolve_tracking_uri(tracking_uri))
+    study_url = resolve_study_storage(
+        optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
+    )
+    points = [] if can_restore else _new_study(spec, study_url, tracking_uri, echo)
     init_ray(address)
     check_capacity(spec.resources)
     tracker = SearchTracker.start(
@@ -130,14 +144,17 @@ def run_search(
         dataset_uri=dataset,
         dataset_info=info,
         dataset_fingerprint=dataset_fingerprint(dataset, info.splits),
-        settings=_settings(spec),
+        settings={**_settings(spec), "optuna_storage": without_password(study_url)},
         epochs=spec.epochs,
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
     try:
-        tuner = _tuner(spec, opened, storage, tracker, restore=can_restore, echo=echo)
-        with _StopSignalWatch() as stop_signal:
-            grid = tuner.fit()
+        with registered(spec.name, study_url):
+            tuner = _tuner(
+                spec, opened, storage, tracker, study_url, points, restore=can_restore, echo=echo
+            )
+            with _StopSignalWatch() as stop_signal:
+                grid = tuner.fit()
     except KeyboardInterrupt:
         tracker.interrupted()
         raise SearchInterrupted(spec.name, experiment_path) from None
@@ -150,9 +167,33 @@ def run_search(
     if stop_signal.seen or _interrupted(grid, spec):
         tracker.interrupted()
         raise SearchInterrupted(spec.name, experiment_path)
-    summary = tracker.finish(grid, metric=spec.metric, mode=spec.mode)
+    summary = tracker.finish(
+        grid, metric=spec.metric, mode=spec.mode, study=_finished_study(spec.name, study_url, echo)
+    )
     echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
     return _summarize(grid, spec, experiment_path)
+
+
+def _finished_study(name: str, url: str, echo: Callable[[str], None]) -> Any:
+    """The search's study, for the parent run's pictures (None, said, when it cannot be read)."""
+    try:
+        return load_study(name, url)
+    except UserError as err:
+        echo(f"warning: no Optuna pictures: {err}")
+        return None
+
+
+def _new_study(
+    spec: SearchSpec, url: str, tracking_uri: str | None, echo: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Check that a new search starts its own study; the warm-start configurations it tries
+    first."""
+    if spec.warm_start and spec.warm_start.search == spec.name:
+        raise UserError(f"warm_start: {spec.name!r} is this search; name an earlier one")
+    check_new_study(spec.name, url)
+    shown = without_password(url)
+    echo(f"Optuna: study {spec.name!r} in {shown} (watch it: optuna-dashboard {shown})")
+    return warm_start_points(spec, url, tracking_uri=resolve_tracking_uri(tracking_uri), echo=echo)
 
 
 def _tuner(
@@ -160,6 +201,8 @@ def _tuner(
     dataset: OpenedDataset,
     storage: str,
     tracker: SearchTracker,
+    study_url: str,
+    points: list[dict[str, Any]],
     *,
     restore: bool,
     echo: Callable[[str], None],
@@ -172,7 +215,6 @@ def _tuner(
     """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     context = TrialContext(
         search_name=spec.name,
@@ -193,7 +235,7 @@ def _tuner(
         ASHAScheduler(
             time_attr="training_iteration",
             max_t=spec.epochs,
-            grace_period=min(spec.scheduler.grace_period, spec.epochs),
+            grace_period=spec.scheduler.grace_for(spec.epochs),
             reduction_factor=spec.scheduler.reduction_factor,
         )
         if spec.scheduler.kind == "asha"
@@ -204,9 +246,7 @@ def _tuner(
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=OptunaSearch(
-                space=spec.define_by_run, metric=spec.metric, mode=spec.mode, sampler=_sampler(spec)
-            ),
+            search_alg=StudySearch(spec=spec, url=study_url, points_to_evaluate=points),
             scheduler=scheduler,
             num_samples=spec.trials,
             max_concurrent_trials=_concurrency(spec, echo),
@@ -285,8 +325,15 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
         "metric": spec.metric,
         "mode": spec.mode,
         "trials": spec.trials,
-        "sampler": spec.sampler.model_dump(),
-        "scheduler": spec.scheduler.model_dump(),
+        "sampler": {
+            **spec.sampler.model_dump(),
+            "startup_trials": spec.sampler.startup_for(spec.trials),
+        },
+        "scheduler": {
+            **spec.scheduler.model_dump(),
+            "grace_period": spec.scheduler.grace_for(spec.epochs),
+        },
+        "warm_start": spec.warm_start.model_dump() if spec.warm_start else None,
         "resources": spec.resources.model_dump(),
     }
 
@@ -404,14 +451,6 @@ def check_writable(path: Path) -> None:
         raise UserError(
             f"storage {path} is not writable ({existing}: {reason}); pass another --storage"
         ) from None
-
-
-def _sampler(spec: SearchSpec) -> Any:
-    import optuna
-
-    if spec.sampler.kind == "random":
-        return optuna.samplers.RandomSampler(seed=spec.sampler.seed)
-    return optuna.samplers.TPESampler(seed=spec.sampler.seed)
 
 
 def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:

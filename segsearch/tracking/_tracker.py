@@ -354,7 +354,8 @@ class SearchTracker:
         study: Any = None,
         wait_s: float = FINISH_WAIT_S,
     ) -> TrackingSummary:
-        """Log the best trial and its model, the search pictures and table; end the parent run.
+        """Log the best trial and its model, the pictures of `study` (the search's Optuna study)
+        and the trials table; end the parent run.
 
         Never raises for MLflow failures: the search itself is done. It waits at most `wait_s`
         in all for MLflow; what could not be logged by then is in the summary's `unlogged` and
@@ -373,7 +374,7 @@ class SearchTracker:
             if best is not None:
                 self._record_best(best, metric)
         with self._reported("search run: pictures and trials table"):
-            self._log_search_files(results, outcomes, metric=metric, mode=mode, study=study)
+            self._log_search_files(results, metric=metric, study=study)
         failed = bool(outcomes) and all(o.status == ERROR for o in outcomes)
         self.writer.submit(
             "search run: end",
@@ -536,26 +537,19 @@ class SearchTracker:
                 raise FileNotFoundError(f"the checkpoint has no {MODEL_FILE}")
             self.writer.submit(f"trial {trial_id}: best model", log_model)
 
-    def _log_search_files(
-        self, results: Any, outcomes: list[TrialOutcome], *, metric: str, mode: str, study: Any
-    ) -> None:
-        """trials.csv, parameter importances, history and parallel coordinates on the parent."""
+    def _log_search_files(self, results: Any, *, metric: str, study: Any) -> None:
+        """trials.csv and the Optuna study's pictures (`_pictures.PICTURES`) on the parent."""
         folder = self._staging / "search"
         folder.mkdir(exist_ok=True)
         files = [folder / "trials.csv"]
         _files.trials_table(results, self._children, files[0])
-        try:
-            importances = _pictures.param_importances(study, outcomes, metric=metric, mode=mode)
-        except ValueError as err:
-            self.writer.echo(f"tracking: no parameter importances ({err})")
+        if study is None:
+            self.writer.echo("tracking: no Optuna pictures (no study)")
         else:
-            files.append(folder / "param_importances.png")
-            _pictures.importance_chart(importances, files[-1], metric=metric)
-        if outcomes:
-            files.append(folder / "optimization_history.png")
-            _pictures.history_chart(outcomes, files[-1], metric=metric, mode=mode)
-            files.append(folder / "parallel_coordinates.png")
-            _pictures.parallel_chart(outcomes, files[-1], metric=metric)
+            drawn, missing = _pictures.study_pictures(study, folder, metric=metric)
+            files += drawn
+            if missing:
+                self.writer.echo(f"tracking: not drawn: {'; '.join(missing)}")
         for path in files:
             self.writer.submit(
                 f"search run: artifact {path.name}",

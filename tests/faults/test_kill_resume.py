@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -14,7 +15,6 @@ import boto3
 import pytest
 import yaml
 from mlflow import MlflowClient
-from ray.tune.search.optuna import OptunaSearch
 
 from segsearch.data.demo import make_demo_dataset
 from segsearch.search.tuner import run_search
@@ -155,7 +155,8 @@ def test_a_killed_driver_resumes_on_a_fresh_ray_with_s3_storage(s3_dataset, s3_b
     for trial_id, trained in history.items():
         assert [epoch for epoch, _ in trained] == list(range(1, epochs + 1)), f"{trial_id} history"
     scores = {tid: client.get_run(run_id).data.metrics["val_miou"] for tid, run_id in runs.items()}
-    _assert_optuna_knows(s3_bucket, f"runs/{name}", tmp_path / "searcher", scores)
+    study = f"sqlite:///{tmp_path}/optuna.db"
+    _assert_optuna_knows(study, name, s3_bucket, tmp_path / "searcher", scores)
 
 
 def _run_until_two_in_flight(run: subprocess.Popen) -> dict[str, set[str]]:
@@ -176,24 +177,28 @@ def _run_until_two_in_flight(run: subprocess.Popen) -> dict[str, set[str]]:
     return {"finished": finished, "in_flight": started - finished}
 
 
-def _assert_optuna_knows(bucket: str, prefix: str, folder: Path, scores: dict) -> None:
-    """The searcher state Tune saved holds every trial as a finished Optuna trial whose value is
-    the trial's last score: the history the next suggestions are drawn from."""
+def _assert_optuna_knows(url: str, name: str, bucket: str, folder: Path, scores: dict) -> None:
+    """The search's study holds every trial once, finished with its last score (the history the
+    next suggestions are drawn from), as the searcher state Tune saved last maps them; a study
+    trial lost with the killed driver is FAIL, never left RUNNING."""
     import optuna
 
     s3 = boto3.client("s3")
     folder.mkdir()
-    for key in _keys(bucket, prefix):
-        if re.fullmatch(rf"{prefix}/searcher-state-[^/]+\.pkl", key):
-            s3.download_file(bucket, key, str(folder / Path(key).name))
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(str(folder))
-    assert set(searcher._ot_trials) == set(scores)
-    done = searcher._ot_study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(done) == len(scores)
-    values = {ot_trial.number: ot_trial.value for ot_trial in done}
-    for trial_id, ot_trial in searcher._ot_trials.items():
-        assert values[ot_trial.number] == pytest.approx(scores[trial_id]), trial_id
+    states = sorted(
+        key
+        for key in _keys(bucket, f"runs/{name}")
+        if re.fullmatch(rf"runs/{name}/searcher-state-[^/]+\.pkl", key)
+    )
+    s3.download_file(bucket, states[-1], str(folder / "searcher.pkl"))
+    known = pickle.loads((folder / "searcher.pkl").read_bytes())["_ot_trials"]
+    assert set(known) == set(scores)
+    trials = {t._trial_id: t for t in optuna.load_study(study_name=name, storage=url).get_trials()}
+    for trial_id, number in known.items():
+        assert trials[number].state == optuna.trial.TrialState.COMPLETE
+        assert trials[number].value == pytest.approx(scores[trial_id]), trial_id
+    others = {t.state for key, t in trials.items() if key not in set(known.values())}
+    assert others <= {optuna.trial.TrialState.FAIL}
 
 
 def _keys(bucket: str, prefix: str) -> list[str]:
