@@ -141,9 +141,12 @@ class RunFolder:
             return None
 
     def _write(self, name: str, text: str) -> None:
+        """Write whole or not at all: a local file is written aside and renamed over it."""
         self.filesystem.create_dir(self.root, recursive=True)
-        with self.filesystem.open_output_stream(join(self.root, name)) as stream:
+        aside = join(self.root, f".{name}.part")
+        with self.filesystem.open_output_stream(aside) as stream:
             stream.write(text.encode())
+        self.filesystem.move(aside, join(self.root, name))
 
 
 @dataclass
