@@ -37,11 +37,13 @@ def test_a_checkpoint_cut_off_mid_upload_is_not_resumed_from(tmp_path) -> None:
     assert run.latest().path == first
 
 
-def test_checkpoints_and_a_data_error_are_kept_on_s3(s3_endpoint) -> None:
+def test_a_data_error_is_kept_on_s3_for_the_same_job_only(s3_endpoint) -> None:
+    """Tune's retry (same job) fails at once; `--resume` (a new job) trains again."""
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="run-folder")
     run = RunFolder("s3://run-folder/runs/search-train/train-c")
-    assert run.bad_data() is None
-    run.mark_bad_data("shard-0.parquet: row 3 (id a): image does not decode")
+    assert run.bad_data("01000000") is None
+    run.mark_bad_data("shard-0.parquet: row 3 (id a): image does not decode", "01000000")
     again = RunFolder("s3://run-folder/runs/search-train/train-c")
-    assert again.bad_data() == "shard-0.parquet: row 3 (id a): image does not decode"
+    assert again.bad_data("01000000") == "shard-0.parquet: row 3 (id a): image does not decode"
+    assert again.bad_data("02000000") is None
     assert again.latest() is None

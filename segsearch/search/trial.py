@@ -5,7 +5,6 @@ checkpoint, bad data is never trained on again."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,13 +82,13 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     timings = {"entered": time.time()}
     import ray.tune
 
-    from segsearch.search import train  # torch and the models: once per process
+    import segsearch.search.train  # noqa: F401  (torch and the models: once per process)
 
     timings["imported"] = time.time()
     trial = TrialConfig.from_dict({**nest(config), "epochs": context.epochs})
     trial_id = ray.tune.get_context().get_trial_id()
     if in_trial_process(context.resources):
-        _train_here(trial, trial_id, context, timings, train.train)
+        _train_here(trial, trial_id, context, timings)
         return
     from ray.train import TrainingFailedError
 
@@ -116,14 +115,20 @@ def _train_here(
     trial_id: str,
     context: TrialContext,
     timings: dict[str, float],
-    train: Callable[[dict[str, Any], Any], None],
 ) -> None:
-    """A one-worker trial in this process, resumed from its RunFolder's last checkpoint; a
-    data error is kept there, so Tune's retry fails at once with the same line."""
+    """A one-worker trial in this process, resumed from its RunFolder's last checkpoint.
+
+    A data error is kept there for this driver's job: Tune's retry fails at once with the same
+    line, while `--resume` (a new job, maybe after the data was fixed) trains again.
+    """
+    import ray
+
+    from segsearch.search.train import train
     from segsearch.search.worker import RunFolder, TrialProcessWorker, trial_device
 
     run = RunFolder(f"{_runs_folder(context)}/{_run_name(trial_id)}")
-    earlier = run.bad_data()
+    job = ray.get_runtime_context().get_job_id()
+    earlier = run.bad_data(job)
     if earlier is not None:
         raise UserError(earlier)
     try:
@@ -133,7 +138,7 @@ def _train_here(
         worker = TrialProcessWorker(run=run, datasets=datasets, device=device)
         train(_loop_config(trial, context, timings), worker)
     except UserError as err:
-        run.mark_bad_data(str(err))
+        run.mark_bad_data(str(err), job)
         raise
 
 

@@ -92,7 +92,7 @@ class RunFolder:
     uploads resumes from the one before."""
 
     LATEST = "latest_checkpoint.json"
-    BAD_DATA = "bad_data.txt"
+    BAD_DATA = "bad_data.json"
 
     def __init__(self, uri: str) -> None:
         self.filesystem, self.root = filesystem_for(uri)
@@ -115,13 +115,17 @@ class RunFolder:
         self._prune(keep_from=epoch - CHECKPOINTS_KEPT + 1)
         return path
 
-    def bad_data(self) -> str | None:
-        """The one-line data error an earlier attempt of this trial met, if any."""
-        return self._read(self.BAD_DATA)
+    def bad_data(self, job: str) -> str | None:
+        """The one-line data error an earlier attempt of this trial met in the same Ray job."""
+        text = self._read(self.BAD_DATA)
+        if text is None:
+            return None
+        found = json.loads(text)
+        return found["error"] if found["job"] == job else None
 
-    def mark_bad_data(self, line: str) -> None:
-        """Remember a data error, so Tune's retry of the trial fails at once with it."""
-        self._write(self.BAD_DATA, line)
+    def mark_bad_data(self, line: str, job: str) -> None:
+        """Remember a data error, so Tune's retry of the trial in this job fails at once."""
+        self._write(self.BAD_DATA, json.dumps({"error": line, "job": job}))
 
     def _prune(self, keep_from: int) -> None:
         import pyarrow.fs
