@@ -137,9 +137,10 @@ def load_arrays(root: str, size: tuple[int, int]) -> Arrays:
     return Arrays(read_dataset_info(root), split("train"), split("val"))
 
 
-def plain_epochs(data: Arrays, trial: TrialConfig, epochs: int) -> list[float]:
-    """Seconds per epoch of a plain single-process loop: the trial's model, loss, optimizer,
-    schedule, augmentation and normalisation, train (shuffled, full batches) + validation."""
+def plain_epochs(data: Arrays, trial: TrialConfig, epochs: int) -> list[tuple[float, float]]:
+    """(whole epoch, train steps only) seconds per epoch of a plain single-process loop: the
+    trial's model, loss, optimizer, schedule, augmentation and normalisation, train (shuffled,
+    full batches) + validation."""
     info = data.info
     torch.manual_seed(trial.seed)
     model = build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
@@ -174,8 +175,9 @@ def plain_epochs(data: Arrays, trial: TrialConfig, epochs: int) -> list[float]:
             loss.backward()
             optimizer.step()
             scheduler.step()
+        trained = time.perf_counter() - started
         _validate(model, data, batch, normalize)
-        times.append(time.perf_counter() - started)
+        times.append((time.perf_counter() - started, trained))
     return times
 
 
@@ -236,20 +238,20 @@ def trial_figures(args: argparse.Namespace, tmp: str) -> None:
         print_startup("two DDP workers (Ray Train)", startup(row, two.started_at[row["trial_id"]]))
 
     data = load_arrays(root, (args.size, args.size))
+    steps_per_epoch = len(data.train[0]) // 16
     torch.set_num_threads(1)  # as a trial's process with 1 CPU
     trial = trial_config(rows[0]["config"], args.epochs)
-    plain = statistics.median(plain_epochs(data, trial, args.epochs)[1:])
+    plain_times = plain_epochs(data, trial, args.epochs)[1:]
+    plain = statistics.median(whole for whole, _ in plain_times)
+    plain_steps = steps_per_epoch * 16 / statistics.median(train for _, train in plain_times)
     in_tune = statistics.median(e for row in rows for e in whole_epochs(row)[1:])
     print(f"P1 whole epoch in Tune (median, not the first): {in_tune:.2f} s")
     print(f"P1 whole epoch, plain PyTorch loop:            {plain:.2f} s")
     print(f"P1 ratio plain / Tune:                         {plain / in_tune:.2f}")
     steps = statistics.median(r["images_per_s"] for row in rows for r in row["history"][1:])
-    images = data.train[0].shape[0] // 16 * 16
     print(f"P1 train steps in Tune (median):               {steps:.1f} images/s")
-    print(
-        f"P1 train steps, plain loop:                    {images / plain:.1f} images/s "
-        "(train + validation time)"
-    )
+    print(f"P1 train steps, plain loop:                    {plain_steps:.1f} images/s")
+    print(f"P1 train-step ratio Tune / plain:              {steps / plain_steps:.2f}")
 
 
 def search_figure(tmp: str) -> None:
@@ -266,7 +268,7 @@ def search_figure(tmp: str) -> None:
     compute = 0.0
     for row in run.result.trials:
         trial = trial_config(row["config"], spec.epochs)
-        epoch_s = min(plain_epochs(data, trial, 2))
+        epoch_s = min(whole for whole, _ in plain_epochs(data, trial, 2))
         compute += result_epoch(row["history"][-1]) * epoch_s
     print(f"search: demo, {len(run.result.trials)} trials, {concurrency} at once")
     print(f"search wall time:                      {run.wall_s:.1f} s")
