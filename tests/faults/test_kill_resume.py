@@ -1,6 +1,6 @@
 """Processes killed mid-search: the process training a trial (one worker: the Tune trial's own;
-two: a Train worker; the trial resumes from its checkpoint) and the
-driver with its local Ray (`--resume` on a fresh Ray finishes exactly the requested trials)."""
+two: a Train worker; the trial resumes from its checkpoint) and the driver with its local Ray
+(`--resume` on a fresh Ray finishes exactly the requested trials)."""
 
 from __future__ import annotations
 
