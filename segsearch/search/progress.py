@@ -28,7 +28,7 @@ class TrialProgress(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        epoch = result.get("training_iteration", "?")
+        epoch = result_epoch(result)
         score = result.get(self.metric, math.nan)
         speed = result.get("images_per_s", math.nan)
         self.echo(
@@ -37,7 +37,7 @@ class TrialProgress(Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        done = (trial.last_result or {}).get("training_iteration", 0)
+        done = result_epoch(trial.last_result or {})
         how = "finished" if done >= self.epochs else f"stopped early after epoch {done}"
         self.echo(f"trial {trial.trial_id} {how}")
 
@@ -45,6 +45,13 @@ class TrialProgress(Callback):
         self.echo(f"trial {trial.trial_id} failed: {_last_error_line(trial.error_file)}")
         if trial.error_file:
             self.echo(f"  full traceback: {trial.error_file}")
+
+
+def result_epoch(result: dict[str, Any]) -> int:
+    """The epoch a Tune result is about: the trial's own `epoch`, not Tune's iteration count,
+    which starts again from 1 when Tune restarts a trial (a retry, or `--resume`)."""
+    epoch = result.get("epoch")
+    return int(epoch if epoch is not None else result.get("training_iteration") or 0)
 
 
 def print_line(line: str) -> None:

@@ -1,4 +1,5 @@
-"""One trial's training: `train_loop_per_worker` runs on every Ray Train worker (DDP)."""
+"""One trial's training: `train`, run by every Ray Train worker of a multi-worker trial (DDP,
+`train_loop_per_worker`) or in a one-worker trial's own process."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -34,24 +36,30 @@ from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.search import placement
 from segsearch.search.system_metrics import SystemSampler
+from segsearch.search.worker import Worker, ray_train_worker
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on every worker of a multi-worker trial (DDP): `train` with Train's
+    rank, device, data shards, checkpoint and reports."""
+    train(config, ray_train_worker())
+
+
+def train(config: dict[str, Any], worker: Worker) -> None:
     """Train one trial's model; report metrics and a checkpoint every epoch (rank 0 writes it).
 
-    `config` holds `trial` (the TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its
-    URI), `overlay` (a few fixed validation images and masks at the trial's image size, for
-    pictures) and `launched_at` (wall-clock time the trial started, to report start-up time).
+    The one training loop of both paths: a Ray Train worker (`train_loop_per_worker`) or the
+    Tune trial's own process (a one-worker trial, `trial.py`). `config` holds `trial` (the
+    TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its URI), `overlay` (a few fixed
+    validation images and masks at the trial's image size, for pictures), `launched_at` (when
+    the trial's function started, to report start-up time) and `timings` (when each start-up
+    stage before this loop ended, reported with the loop's own in `startup_at`).
     """
-    import ray.train
-    import ray.train.torch
-
     trial: TrialConfig = config["trial"]
     info: DatasetInfo = config["dataset_info"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    timings = {**config.get("timings", {}), "loop": time.time()}
+    rank, world, device = worker.rank, worker.world, worker.device
     on_gpu = device.type == "cuda"
     torch.manual_seed(trial.seed + rank)
 
@@ -59,7 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_params = count_parameters(model)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = worker.prepare_model(model)
     net = unwrap(model)  # the plain module: where only some ranks run forward (no collectives)
     loss_fn = build_loss(
         trial.loss,
@@ -74,15 +82,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(trial.optim, steps_per_epoch, trial.epochs)
     )
-    restored = ray.train.get_checkpoint()
+    restored = worker.checkpoint()
     start_epoch, last_metrics = _restore(restored, net, optimizer, scheduler)
     if start_epoch >= trial.epochs:
         # The run had finished when its trial was interrupted: report its result again, so the
         # resumed trial ends with its metrics and checkpoint instead of an empty result.
-        ray.train.report(last_metrics, checkpoint=restored if rank == 0 else None)
+        worker.report(last_metrics, restored if rank == 0 else None)
         return
     normalize = _Normalizer(info, device)
     generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
+    timings["model"] = time.time()
     startup_s = None
     manifest = (
         trial_manifest(
@@ -94,12 +103,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     system = SystemSampler() if rank == 0 else None
 
     for epoch in range(start_epoch + 1, trial.epochs + 1):
+        epoch_started_at = time.time()
         started = time.perf_counter()
         model.train()
         loss_sum, images = 0.0, 0
-        for image, mask in _batches(ray.train.get_dataset_shard("train"), trial, device, True):
+        for image, mask in _batches(worker.shard("train"), trial, device, True):
             if startup_s is None:
-                startup_s = time.time() - config["launched_at"]
+                timings["first_batch"] = time.time()
             image, mask = augment(image, mask, generator=generator)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
                 logits = model(normalize(image))
@@ -110,10 +120,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             loss_sum += loss.item() * len(image)
             images += len(image)
+            if startup_s is None:
+                timings["first_step"] = time.time()
+                startup_s = timings["first_step"] - config["launched_at"]
         train_time = time.perf_counter() - started
         loss_sum, images = _sum_across_workers([loss_sum, images], device)
 
-        matrix = _evaluate(net, ray.train.get_dataset_shard("val"), trial, info, normalize, device)
+        matrix = _evaluate(net, worker.shard("val"), trial, info, normalize, device)
         scores = matrix.compute()
         metrics = {
             "epoch": epoch,
@@ -123,11 +136,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_pixel_acc": scores["pixel_acc"],
             **{f"val_iou_{c}": iou for c, iou in zip(info.classes, scores["iou"], strict=True)},
             "epoch_time_s": time.perf_counter() - started,
+            "epoch_started_at": epoch_started_at,
             "images_per_s": images / max(train_time, 1e-9),
             "num_params": num_params,
             "lr": scheduler.get_last_lr()[0],
             "startup_s": startup_s,
-            placement.RESULT_KEY: placement.current_group_id(),
+            "startup_at": dict(timings),
+            placement.RESULT_KEY: worker.placement_group,
             **(system.take() if system else {}),
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 _write_pictures(Path(tmp), net, config.get("overlay"), scores, info)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            worker.report(metrics, checkpoint)
 
 
 class _Normalizer:

@@ -1,5 +1,6 @@
-"""One trial of a search: what every trial shares, and the Tune trainable that runs it as a Ray
-Train job (a new Train run resumes the old one after a failure; bad data is never retried)."""
+"""One trial of a search: what every trial shares, and the Tune trainable that runs it, in its
+own process (one worker) or as a Ray Train job (several); a failed run resumes from its last
+checkpoint, bad data is never trained on again."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ray.tune import Callback
 from segsearch.config import TrialConfig
 from segsearch.data.shards import OpenedDataset
 from segsearch.errors import UserError, last_line, user_error_in
+from segsearch.search.capacity import in_trial_process
 from segsearch.search.progress import print_line
 from segsearch.space import ResourcesSpec, nest
 
@@ -64,20 +66,35 @@ class KeepTrialHistory(Callback):
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """Tune's trainable: run one trial as a Ray Train job and let TuneReportCallback relay it.
+    """Tune's trainable: train one trial in this process (one worker) or as a Ray Train job.
 
-    A failed Train run starts again from its last checkpoint (same run name), at most
-    TRAIN_RETRIES times; a failure caused by a UserError (bad data met mid-trial) is raised at
-    once as that one line, since running it again would meet the same data.
+    A one-worker trial trains here, in the process (and with the resources) Tune gave the
+    trial: no Train controller or worker group to start, and a reused process has torch
+    imported already. Tune retries it once (`tune_retries`) from its last checkpoint.
+
+    A multi-worker trial is a Train run (DDP); TuneReportCallback relays its reports. A failed
+    Train run starts again from its last checkpoint (same run name), at most TRAIN_RETRIES
+    times.
+
+    Either way a failure caused by a UserError (bad data met mid-trial) is raised as that one
+    line and never trained again, since running it again would meet the same data.
     """
+    timings = {"entered": time.time()}
     import ray.tune
-    from ray.train import TrainingFailedError
 
+    import segsearch.search.train  # noqa: F401  (torch and the models: once per process)
+
+    timings["imported"] = time.time()
     trial = TrialConfig.from_dict({**nest(config), "epochs": context.epochs})
     trial_id = ray.tune.get_context().get_trial_id()
+    if in_trial_process(context.resources):
+        _train_here(trial, trial_id, context, timings)
+        return
+    from ray.train import TrainingFailedError
+
     for attempt in range(TRAIN_RETRIES + 1):
         try:
-            _trainer(trial, trial_id, context).fit()
+            _trainer(trial, trial_id, context, timings).fit()
             return
         except TrainingFailedError as err:
             found = user_error_in(err)
@@ -87,29 +104,63 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 raise
 
 
-def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
+def tune_retries(resources: ResourcesSpec) -> int:
+    """Times Tune restarts a failed trial: a one-worker trial's process is its worker, so Tune
+    retries it; a multi-worker trial retries its Train run itself (run_trial)."""
+    return TRAIN_RETRIES if in_trial_process(resources) else 0
+
+
+def _train_here(
+    trial: TrialConfig,
+    trial_id: str,
+    context: TrialContext,
+    timings: dict[str, float],
+) -> None:
+    """A one-worker trial in this process, resumed from its RunFolder's last checkpoint.
+
+    A data error is kept there for this driver's job: Tune's retry fails at once with the same
+    line, while `--resume` (a new job, maybe after the data was fixed) trains again.
+    """
+    import ray
+
+    from segsearch.search.train import train
+    from segsearch.search.worker import RunFolder, TrialProcessWorker, trial_device
+
+    run = RunFolder(f"{_runs_folder(context)}/{_run_name(trial_id)}")
+    job = ray.get_runtime_context().get_job_id()
+    earlier = run.bad_data(job)
+    if earlier is not None:
+        raise UserError(earlier)
+    try:
+        datasets = _datasets(trial, context)
+        timings["data"] = time.time()
+        device = trial_device(context.resources.gpus_per_worker)
+        worker = TrialProcessWorker(run=run, datasets=datasets, device=device)
+        train(_loop_config(trial, context, timings), worker)
+    except UserError as err:
+        run.mark_bad_data(str(err), job)
+        raise
+
+
+def _trainer(
+    trial: TrialConfig, trial_id: str, context: TrialContext, timings: dict[str, float]
+) -> Any:
     """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from segsearch.data.ray_data import load_splits
     from segsearch.search.train import train_loop_per_worker
 
-    datasets = load_splits(context.dataset, image_size=trial.image_size)
+    datasets = _datasets(trial, context)
+    timings["data"] = time.time()
     wanted = context.resources
     resources = {"CPU": wanted.cpus_per_worker}
     if wanted.gpus_per_worker:
         resources["GPU"] = wanted.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "trial": trial,
-            "dataset": context.dataset.uri,
-            "dataset_info": context.dataset.info,
-            "overlay": overlay_at(context.overlay, trial.image_size),
-            "launched_at": time.time(),
-        },
+        train_loop_config=_loop_config(trial, context, timings),
         scaling_config=ray.train.ScalingConfig(
             num_workers=wanted.workers,
             use_gpu=wanted.gpus_per_worker > 0,
@@ -118,13 +169,44 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}",
-            storage_path=f"{context.storage.rstrip('/')}/{context.search_name}-train",
+            name=_run_name(trial_id),
+            storage_path=_runs_folder(context),
             failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
         ),
     )
+
+
+def _datasets(trial: TrialConfig, context: TrialContext) -> dict[str, Any]:
+    """The trial's data: a Ray Dataset per split."""
+    from segsearch.data.ray_data import load_splits
+
+    return load_splits(context.dataset, image_size=trial.image_size)
+
+
+def _loop_config(
+    trial: TrialConfig, context: TrialContext, timings: dict[str, float]
+) -> dict[str, Any]:
+    """`train.train`'s config (see there)."""
+    return {
+        "trial": trial,
+        "dataset": context.dataset.uri,
+        "dataset_info": context.dataset.info,
+        "overlay": overlay_at(context.overlay, trial.image_size),
+        "launched_at": timings["entered"],
+        "timings": dict(timings),
+    }
+
+
+def _runs_folder(context: TrialContext) -> str:
+    """Where the search's trials keep their runs' checkpoints (Train's storage_path)."""
+    return f"{context.storage.rstrip('/')}/{context.search_name}-train"
+
+
+def _run_name(trial_id: str) -> str:
+    """A trial's run: its Train run's name, or, for a one-worker trial, its RunFolder's."""
+    return f"train-{trial_id}"
 
 
 def overlay_batch(dataset: OpenedDataset) -> dict[str, list[np.ndarray]]:

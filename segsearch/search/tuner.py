@@ -20,9 +20,9 @@ from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
-from segsearch.search.capacity import TRIAL_DRIVER_CPUS, check_capacity
+from segsearch.search.capacity import check_capacity, trial_cpus, trial_resources
 from segsearch.search.placement import ReleasePlacementGroups
-from segsearch.search.progress import TrialProgress, format_table, print_line
+from segsearch.search.progress import TrialProgress, format_table, print_line, result_epoch
 from segsearch.search.study import (
     StudySearch,
     check_new_study,
@@ -30,7 +30,13 @@ from segsearch.search.study import (
     registered,
     resolve_study_storage,
 )
-from segsearch.search.trial import KeepTrialHistory, TrialContext, overlay_batch, run_trial
+from segsearch.search.trial import (
+    KeepTrialHistory,
+    TrialContext,
+    overlay_batch,
+    run_trial,
+    tune_retries,
+)
 from segsearch.search.warm_start import warm_start_points
 from segsearch.space import SearchSpec, nest
 from segsearch.tracking import SearchTracker
@@ -209,9 +215,12 @@ def _tuner(
 ) -> Any:
     """The Tuner of a new search, or of the earlier one restored.
 
-    Tune itself does not retry a failed trial (`max_failures=0`): run_trial already starts a
-    failed Train run again from its checkpoint, unless the failure is bad input; an errored
-    trial is retried by `--resume`.
+    A multi-worker trial's failed Train run is started again from its checkpoint by run_trial,
+    so Tune does not retry it; a one-worker trial trains in Tune's own process, so Tune retries
+    it (`tune_retries`), and it resumes from its checkpoint. Bad input is never retried (the
+    retry fails at once with the first attempt's line); an errored trial is retried by
+    `--resume`. Tune reuses a finished trial's process for the next trial (`reuse_actors`), so
+    a one-worker trial finds torch and the training code already imported.
     """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -225,6 +234,9 @@ def _tuner(
         overlay=overlay_batch(dataset),
     )
     trainable = ray.tune.with_parameters(run_trial, context=context)
+    resources = trial_resources(spec.resources)
+    if resources is not None:
+        trainable = ray.tune.with_resources(trainable, resources)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     if restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
@@ -233,7 +245,7 @@ def _tuner(
         )
     scheduler = (
         ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epoch",  # a trial Tune restarted counts its iterations from 1 again
             max_t=spec.epochs,
             grace_period=spec.scheduler.grace_for(spec.epochs),
             reduction_factor=spec.scheduler.reduction_factor,
@@ -250,11 +262,12 @@ def _tuner(
             scheduler=scheduler,
             num_samples=spec.trials,
             max_concurrent_trials=_concurrency(spec, echo),
+            reuse_actors=True,
         ),
         run_config=ray.tune.RunConfig(
             name=spec.name,
             storage_path=storage,
-            failure_config=ray.tune.FailureConfig(max_failures=0),
+            failure_config=ray.tune.FailureConfig(max_failures=tune_retries(spec.resources)),
             callbacks=[
                 TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
                 tracker.tune_callback(),
@@ -395,9 +408,8 @@ def trial_concurrency(
     if res.gpus_per_worker > 0:
         why = f"{asked} trials need more GPUs than the cluster's {total.get('GPU', 0):g}"
     else:
-        per_trial = TRIAL_DRIVER_CPUS + res.workers * res.cpus_per_worker
         why = (
-            f"{asked} trials of {per_trial:g} CPUs each would leave no CPU of the cluster's "
+            f"{asked} trials of {trial_cpus(res):g} CPUs each would leave no CPU of the cluster's "
             f"{total.get('CPU', 0):g} for reading data"
         )
     return fit, f"max_concurrent: {asked} lowered to {fit}: {why}"
@@ -409,8 +421,7 @@ def concurrency_for(spec: SearchSpec, total: dict[str, float]) -> int:
     if res.gpus_per_worker > 0:
         fit = total.get("GPU", 0) / (res.workers * res.gpus_per_worker)
     else:
-        per_trial = TRIAL_DRIVER_CPUS + res.workers * res.cpus_per_worker
-        fit = (total.get("CPU", 0) - DATA_CPU_RESERVE) / per_trial
+        fit = (total.get("CPU", 0) - DATA_CPU_RESERVE) / trial_cpus(res)
     return max(1, math.floor(fit))
 
 
@@ -463,7 +474,7 @@ def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResul
             {
                 "trial_id": metrics.get("trial_id", "?"),
                 spec.metric: None if score is None or math.isnan(score) else float(score),
-                "epochs": metrics.get("training_iteration", 0),
+                "epochs": result_epoch(metrics),
                 "config": result.config or {},
                 "checkpoint": metrics.get("checkpoint_path"),
                 "error": last_line(result.error) if result.error else None,

@@ -1,5 +1,6 @@
-"""Processes killed mid-search: a Train worker (the trial resumes from its checkpoint) and the
-driver with its local Ray (`--resume` on a fresh Ray finishes exactly the requested trials)."""
+"""Processes killed mid-search: the process training a trial (one worker: the Tune trial's own;
+two: a Train worker; the trial resumes from its checkpoint) and the driver with its local Ray
+(`--resume` on a fresh Ray finishes exactly the requested trials)."""
 
 from __future__ import annotations
 
@@ -47,19 +48,28 @@ def s3_dataset(s3_endpoint: str) -> str:
     return uri
 
 
+#: The process that trains, by the Ray title it runs under: a one-worker trial trains in its
+#: Tune trial's own process, a two-worker trial in Ray Train's workers.
+TRAINING_PROCESS = {1: "ImplicitFunc", 2: "RayTrainWorker"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_killed_train_worker_resumes_from_its_last_checkpoint(
-    ray_cluster, local_dataset, tmp_path
+    ray_cluster, local_dataset, tmp_path, workers
 ):
-    """SIGKILL the trial's Train worker after epoch 2: Train restarts it from the epoch-2
-    checkpoint (not epoch 0), and the trial's MLflow run holds each epoch exactly once."""
+    """SIGKILL a process that trains the trial after epoch 2: the trial starts again from the
+    epoch-2 checkpoint (not epoch 0) in a new process, and its MLflow run holds each epoch
+    exactly once."""
     epochs = 4
     space = tiny_space(
         "worker-kill",
         trials=1,
         epochs=epochs,
         fixed={"batch_size": 8, "image_size": [64, 64], "model.depth": 2},
+        resources={"workers": workers, "cpus_per_worker": 1},
     )
     space["space"] = {"model.arch": {"choice": ["unet"]}, "model.width": {"choice": [8]}}
+    title = TRAINING_PROCESS[workers]
     killed: list[int] = []
     later_workers: list[int] = []
 
@@ -67,11 +77,12 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(
         event = EVENT.match(line)
         epoch = int(event.group(3)) if event and event.group(3) else 0
         if epoch == 2 and not killed:
-            (worker,) = _train_workers()
-            os.kill(worker, signal.SIGKILL)
-            killed.append(worker)
+            trainers = _processes(title)
+            assert len(trainers) == workers, f"{title} processes: {trainers}"
+            os.kill(trainers[0], signal.SIGKILL)
+            killed.append(trainers[0])
         elif epoch > 2:
-            later_workers.extend(_train_workers())
+            later_workers.extend(_processes(title))
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_search(
@@ -83,8 +94,8 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(
     )
 
     (trial,) = result.trials
-    assert killed, "the Train worker was never killed"
-    assert later_workers and killed[0] not in later_workers, "Train did not start a new worker"
+    assert killed, "the training process was never killed"
+    assert later_workers and killed[0] not in later_workers, "no new process trained the trial"
     assert trial["error"] is None
     assert [row["epoch"] for row in trial["history"]] == list(range(1, epochs + 1))
     client = MlflowClient(tracking)
@@ -96,12 +107,10 @@ def test_a_killed_train_worker_resumes_from_its_last_checkpoint(
     assert epoch_values == list(range(1, epochs + 1))
 
 
-def _train_workers() -> list[int]:
-    """This test session's Ray Train workers (Ray titles them ray::RayTrainWorker...)."""
+def _processes(title: str) -> list[int]:
+    """This test session's Ray processes whose title (ray::<class>...) names `title`."""
     return [
-        pid
-        for pid in searchproc.descendants(os.getpid())
-        if "RayTrainWorker" in searchproc.command_line(pid)
+        pid for pid in searchproc.descendants(os.getpid()) if title in searchproc.command_line(pid)
     ]
 
 
