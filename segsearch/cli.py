@@ -114,6 +114,12 @@ def ingest(
 @click.option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else local Ray).")
 @click.option("--tracking-uri", help=TRACKING_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted search of this name.")
+@click.option(
+    "--refit",
+    metavar="EPOCHS[:TOP_K[:ON]]",
+    help="After the search, train its TOP_K best configurations (default 1) for EPOCHS on ON "
+    "(train, the default, or train+val); overrides the space's refit.",
+)
 def search(
     space_file: str,
     dataset: str,
@@ -124,12 +130,15 @@ def search(
     address: str | None,
     tracking_uri: str | None,
     resume: bool,
+    refit: str | None,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
     from segsearch.search.tuner import SearchInterrupted, run_search
-    from segsearch.space import load_space
+    from segsearch.space import load_space, parse_refit
 
-    spec = load_space(space_file).with_overrides(name=name, trials=trials, epochs=epochs)
+    spec = load_space(space_file).with_overrides(
+        name=name, trials=trials, epochs=epochs, refit=parse_refit(refit) if refit else None
+    )
     try:
         result = run_search(
             spec,
@@ -149,6 +158,7 @@ def search(
             "--storage": storage,
             "--address": address,
             "--tracking-uri": tracking_uri,
+            "--refit": refit,
         }
         _interrupted(space_file, options)
     _print_result(result)

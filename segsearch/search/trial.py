@@ -4,7 +4,7 @@ Train job (a new Train run resumes the old one after a failure; bad data is neve
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 from ray.tune import Callback
 
 from segsearch.config import TrialConfig
+from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.search.progress import print_line
@@ -22,6 +23,9 @@ OVERLAY_IMAGES = 4
 #: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
 #: data found mid-trial) is never retried.
 TRAIN_RETRIES = 1
+#: Checkpoints a Train run keeps besides its latest (which resumes it): the best by the search's
+#: metric, so a trial offers the model of its best epoch, not of its last.
+CHECKPOINTS_KEPT = 2
 #: A trial's result history as Tune writes it in the trial's folder.
 TRIAL_HISTORY_FILES = ("result.json", "progress.csv")
 
@@ -36,6 +40,39 @@ class TrialContext:
     epochs: int
     resources: ResourcesSpec
     overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    metric: str = "val_miou"
+    mode: str = "max"
+    #: The splits a trial trains on; with "val" among them (a refit on train+val) nothing is
+    #: held out, and the run keeps its latest checkpoints instead of its best.
+    train_splits: tuple[str, ...] = ("train",)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether val is kept out of training, so its scores rank epochs and trials."""
+        return "val" not in self.train_splits
+
+    def training_data(self, datasets: dict[str, Any]) -> tuple[dict[str, Any], DatasetInfo]:
+        """The Ray Datasets and DatasetInfo one trial trains with: `train` is the union of
+        train_splits (the info counts its images, which sizes the lr schedule)."""
+        info = self.dataset.info
+        if self.train_splits == ("train",):
+            return datasets, info
+        first, *others = (datasets[split] for split in self.train_splits)
+        images = sum(info.splits[split] for split in self.train_splits)
+        splits = {**info.splits, "train": images}
+        return {**datasets, "train": first.union(*others)}, replace(info, splits=splits)
+
+    def checkpoint_config(self) -> Any:
+        """Keep the latest checkpoint (resume) and the best by the metric (promotion)."""
+        import ray.train
+
+        if not self.held_out:
+            return ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
+        return ray.train.CheckpointConfig(
+            num_to_keep=CHECKPOINTS_KEPT,
+            checkpoint_score_attribute=self.metric,
+            checkpoint_score_order=self.mode,
+        )
 
 
 class KeepTrialHistory(Callback):
@@ -96,7 +133,9 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
     from segsearch.data.ray_data import load_splits
     from segsearch.search.train import train_loop_per_worker
 
-    datasets = load_splits(context.dataset, image_size=trial.image_size)
+    datasets, info = context.training_data(
+        load_splits(context.dataset, image_size=trial.image_size)
+    )
     wanted = context.resources
     resources = {"CPU": wanted.cpus_per_worker}
     if wanted.gpus_per_worker:
@@ -106,7 +145,7 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
         train_loop_config={
             "trial": trial,
             "dataset": context.dataset.uri,
-            "dataset_info": context.dataset.info,
+            "dataset_info": info,
             "overlay": overlay_at(context.overlay, trial.image_size),
             "launched_at": time.time(),
         },
@@ -121,7 +160,7 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
             name=f"train-{trial_id}",
             storage_path=f"{context.storage.rstrip('/')}/{context.search_name}-train",
             failure_config=ray.train.FailureConfig(max_failures=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=context.checkpoint_config(),
             callbacks=[TuneReportCallback()],
         ),
     )
