@@ -187,6 +187,11 @@ def run_search(
         evaluated_trial=final["trial_id"] if evaluation is not None else None,
     )
     echo(compute.describe())
+    if refit is not None:
+        echo(
+            f"refit model: trial {refit['trial_id']} (refit of {refit['refit_of']}), "
+            f"checkpoint {refit['checkpoint']}"
+        )
     if evaluation is not None:
         echo(f"final model (trial {final['trial_id']}):\n{evaluation.table()}")
     echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")

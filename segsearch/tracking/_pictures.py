@@ -66,7 +66,8 @@ def importance_chart(importances: Mapping[str, float], path: Path, *, metric: st
 
 
 def history_chart(outcomes: Sequence[TrialOutcome], path: Path, *, metric: str, mode: str) -> None:
-    """Each trial's last metric in trial order, marked by how it ended, and the best so far."""
+    """Each trial's score (its best epoch's) in trial order, marked by how it ended, and the
+    best so far."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
     values = [o.value(metric) for o in outcomes]
@@ -154,7 +155,7 @@ def _colour_mapper(scores: np.ndarray) -> Any:
 
 
 def _study_from(outcomes: Sequence[TrialOutcome], *, metric: str, mode: str) -> Any:
-    """An in-memory Optuna study rebuilt from the trials' configs and last metric values."""
+    """An in-memory Optuna study rebuilt from the trials' configs and scores (best epochs)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

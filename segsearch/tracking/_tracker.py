@@ -622,13 +622,12 @@ class SearchTracker:
 
         uri = self.writer.tracking_uri
         model = {TEST_MODEL: f"{trial_id or '?'}: {mask(evaluation.model_uri)}"}
-        self.writer.submit(
-            f"search run: {evaluation.split} evaluation",
-            lambda c: (
-                log_evaluation(evaluation, run_id=self.parent_run_id, tracking_uri=uri),
-                _runs.log_tags(c, self.parent_run_id, model),
-            ),
-        )
+
+        def on_parent(client: MlflowClient) -> None:
+            log_evaluation(evaluation, run_id=self.parent_run_id, tracking_uri=uri)
+            _runs.log_tags(client, self.parent_run_id, model)
+
+        self.writer.submit(f"search run: {evaluation.split} evaluation", on_parent)
         if trial_id:
             self.writer.submit(
                 f"trial {trial_id}: {evaluation.split} evaluation",
