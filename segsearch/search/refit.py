@@ -2,16 +2,19 @@
 spent, and score the model it ends with on the dataset's `test` split.
 
 A refit is a second Tune run over the same trainable (`run_trial`, one Ray Train run per trial)
-with its configurations fixed (`points_to_evaluate`) and the refit's epochs and training splits,
+with its configurations fixed (`FixedConfigs`) and the refit's epochs and training splits,
 tracked as `refit` runs under the search's parent run.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+
+from ray.tune.search import Searcher
 
 from segsearch.data.format import DatasetInfo
 from segsearch.search.epochs import trial_rows
@@ -57,7 +60,6 @@ def refit_tuner(
     `--resume` restores an interrupted refit from its own experiment folder.
     """
     import ray.tune
-    from ray.tune.search import BasicVariantGenerator
 
     splits = ("train",) if phase.held_out else ("train", "val")
     refit_context = replace(
@@ -75,7 +77,7 @@ def refit_tuner(
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(
-            search_alg=BasicVariantGenerator(points_to_evaluate=configs),
+            search_alg=FixedConfigs(configs),
             num_samples=len(configs),
             max_concurrent_trials=concurrency,
         ),
@@ -92,6 +94,38 @@ def refit_tuner(
             verbose=0,
         ),
     )
+
+
+class FixedConfigs(Searcher):
+    """Suggests each of the given trial configurations once, as they are, then no more.
+
+    Tune's own `points_to_evaluate` will not do: it sets each key of a point into the param
+    space, which must have them all, and a conditional parameter absent from one configuration
+    would then come back into it.
+    """
+
+    def __init__(self, configs: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__()
+        self._configs = [dict(config) for config in configs]
+        self._given = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._given >= len(self._configs):
+            return Searcher.FINISHED
+        self._given += 1
+        return dict(self._configs[self._given - 1])
+
+    def on_trial_complete(self, trial_id: str, result: Any = None, error: bool = False) -> None:
+        """Nothing to learn: the configurations are fixed."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump({"configs": self._configs, "given": self._given}, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            state = pickle.load(handle)
+        self._configs, self._given = state["configs"], state["given"]
 
 
 def refit_rows(grid: Any, phase: RefitPhase, *, metric: str, mode: str) -> list[dict[str, Any]]:
