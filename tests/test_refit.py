@@ -16,11 +16,11 @@ from segsearch.data.ingest import write_dataset
 from segsearch.errors import UserError
 from segsearch.search.epochs import best_row
 from segsearch.search.progress import format_table
-from segsearch.search.refit import Compute, checkpoint_uri
+from segsearch.search.refit import Compute, checkpoint_uri, spent
 from segsearch.search.tuner import run_search
 from segsearch.serve.predict import load_network
 from segsearch.serve.promote import promote
-from segsearch.space import RefitSpec, parse_refit, parse_space
+from segsearch.space import RefitSpec, ResourcesSpec, parse_refit, parse_space
 
 TRAIN, VAL, TEST = 12, 4, 3
 
@@ -126,6 +126,16 @@ def test_compute_figures_and_checkpoint_uris():
     assert metrics["compute_baseline_epochs"] == 15
     assert metrics["compute_total_wall_s"] == 15 and metrics["compute_total_worker_s"] == 12
     assert "in all 180 = 15 epochs of the train split" in compute.describe()
+    resumed = {  # a resumed trial reports its last epoch again
+        "history": [
+            {"epoch": 1, "epoch_time_s": 2.0},
+            {"epoch": 2, "epoch_time_s": 3.0},
+            {"epoch": 2, "epoch_time_s": 3.0},
+        ]
+    }
+    stopped = {"history": [{"epoch": 1, "epoch_time_s": math.nan}]}
+    two_workers = ResourcesSpec(workers=2)
+    assert spent([resumed, stopped], images=10, resources=two_workers) == (30.0, 10.0)
     assert checkpoint_uri("bucket/runs/x/checkpoint_1", "s3://bucket/runs") == (
         "s3://bucket/runs/x/checkpoint_1"
     )

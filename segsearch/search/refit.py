@@ -23,6 +23,7 @@ from segsearch.search.progress import TrialProgress
 from segsearch.search.trial import KeepTrialHistory, TrialContext, run_trial
 from segsearch.space import RefitSpec, ResourcesSpec
 from segsearch.tracking import RefitPhase, SearchTracker
+from segsearch.values import is_number
 
 #: A search's refit is the Tune experiment `<search name><REFIT_SUFFIX>` beside the search's.
 REFIT_SUFFIX = "-refit"
@@ -202,11 +203,14 @@ class Compute:
 def spent(
     rows: Sequence[Mapping[str, Any]], *, images: int, resources: ResourcesSpec
 ) -> tuple[float, float]:
-    """(image-epochs, worker seconds) of the trials' reported epochs (`images` per epoch)."""
-    epochs = sum(len(row["history"]) for row in rows)
-    seconds = sum(
-        float(epoch.get("epoch_time_s") or 0.0) for row in rows for epoch in row["history"]
-    )
+    """(image-epochs, worker seconds) of the trials' reported epochs (`images` per epoch); an
+    epoch reported twice (a resumed trial repeats its last) counts once."""
+    epochs = 0
+    seconds = 0.0
+    for row in rows:
+        times = {epoch.get("epoch"): epoch.get("epoch_time_s") for epoch in row["history"]}
+        epochs += len(times)
+        seconds += sum(float(t) for t in times.values() if is_number(t) and math.isfinite(t))
     return float(epochs * images), seconds * resources.workers
 
 
