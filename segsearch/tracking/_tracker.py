@@ -609,12 +609,14 @@ class SearchTracker:
                 folder=f"refit_model_{outcome.trial_id}",
                 parent_tag=REFIT_MODEL_URI if chosen else None,
             )
-        if choice is not None and choice in self._children:
-            self._refit_run_id = run_id = self._children[choice]
-            self.writer.submit(
-                "search run: refit run",
-                lambda c: _runs.log_tags(c, self.parent_run_id, {REFIT_RUN_ID: run_id}),
-            )
+        if choice is None:
+            return
+
+        def on_parent(client: MlflowClient) -> None:
+            self._refit_run_id = self._run(choice)
+            _runs.log_tags(client, self.parent_run_id, {REFIT_RUN_ID: self._refit_run_id})
+
+        self.writer.submit("search run: refit run", on_parent)
 
     def _record_evaluation(self, evaluation: Any, trial_id: str | None) -> None:
         """The evaluation's metrics and files on the parent run and on the evaluated model's."""
