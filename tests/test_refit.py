@@ -153,6 +153,7 @@ def _runs_by_role(uri: str, name: str) -> dict[str, list]:
     return roles
 
 
+@pytest.mark.slow
 def test_the_best_epoch_counts_and_the_refit_is_promoted(ray_cluster, dataset_with_test, tmp_path):
     """Scored by `lr`, which the cosine schedule lowers every epoch, a trial's best epoch is its
     first: its score, checkpoint and logged model must be epoch 1's, not epoch 3's; the refit
@@ -208,6 +209,8 @@ def test_the_best_epoch_counts_and_the_refit_is_promoted(ray_cluster, dataset_wi
     assert promotion.value == pytest.approx(refit["lr"])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_refit_on_train_and_val_is_scored_on_the_test_split(
     ray_cluster, dataset_with_test, tmp_path
 ):
