@@ -223,6 +223,12 @@ def ingest(
     help="First try the best configurations of this earlier search (the space's warm_start).",
 )
 @click.option(
+    "--refit",
+    metavar="EPOCHS[:TOP_K[:ON]]",
+    help="After the search, train its TOP_K best configurations (default 1) for EPOCHS on ON "
+    "(train, the default, or train+val); overrides the space's refit.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Check space, dataset, tracking and cluster; print sampled configs and the resource "
@@ -241,16 +247,21 @@ def search(
     resume: bool,
     optuna_storage: str | None,
     warm_start: str | None,
+    refit: str | None,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
     from segsearch.console import echo
     from segsearch.mlflow_uri import without_password
-    from segsearch.space import load_space
+    from segsearch.space import load_space, parse_refit
 
     spec = load_space(space_file).with_overrides(
-        name=name, trials=trials, epochs=epochs, warm_start=warm_start
+        name=name,
+        trials=trials,
+        epochs=epochs,
+        warm_start=warm_start,
+        refit=parse_refit(refit) if refit else None,
     )
     logger.debug(f"search {spec.name}: {spec.trials} trials × {spec.epochs} epochs on {dataset}")
     if dry_run:
@@ -283,6 +294,7 @@ def search(
             "--address": address,
             "--tracking-uri": tracking_uri,
             "--optuna-storage": optuna_storage and without_password(optuna_storage),
+            "--refit": refit,
         }
         _interrupted(space_file, options)
     _print_result(result, as_json=as_json)

@@ -61,6 +61,18 @@ class ResourcesSpec(_Strict):
     cpus_per_worker: float = Field(default=1, gt=0)
 
 
+class RefitSpec(_Strict):
+    """Train the search's best configurations again at full fidelity, after the search.
+
+    `on: train+val` trains on both splits: the refit then has no held-out val score, and its
+    model is the last epoch's.
+    """
+
+    epochs: int = Field(ge=1)
+    top_k: int = Field(default=1, ge=1)
+    on: Literal["train", "train+val"] = "train"
+
+
 class SearchSpec(_Strict):
     """A whole search-space file; `space` holds the parameters as `Param`s in file order."""
 
@@ -74,6 +86,7 @@ class SearchSpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     warm_start: WarmStartSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    refit: RefitSpec | None = None
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Any] = Field(default_factory=dict)
 
@@ -127,6 +140,24 @@ class Param:
                 self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
             )
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+
+def parse_refit(text: str) -> RefitSpec:
+    """`--refit EPOCHS[:TOP_K[:ON]]` (e.g. `30`, `30:2`, `30:1:train+val`) as a RefitSpec."""
+    parts = text.split(":")
+    rule = "give EPOCHS[:TOP_K[:train|train+val]], e.g. 30:2:train+val"
+    if len(parts) > 3 or not all(p.strip() for p in parts):
+        raise UserError(f"--refit {text!r}: {rule}")
+    fields: dict[str, Any] = {"on": parts[2].strip()} if len(parts) == 3 else {}
+    for name, part in zip(("epochs", "top_k"), parts[:2], strict=False):
+        if not part.strip().isdigit():
+            raise UserError(f"--refit {text!r}: {name} must be a whole number; {rule}")
+        fields[name] = int(part)
+    try:
+        return RefitSpec.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"--refit {text!r}: {first['loc'][0]}: {first['msg']}") from None
 
 
 def parse_param(key: str, spec: Any) -> Param:

@@ -29,6 +29,17 @@ def test_the_last_complete_checkpoint_is_found_again_and_older_ones_pruned(tmp_p
     assert kept == [Path(p).name for p in paths[-CHECKPOINTS_KEPT:]]
 
 
+def test_with_a_metric_the_best_epochs_are_kept_beside_the_latest(tmp_path) -> None:
+    """The trial offers its best epoch's model (as a Train run with a score attribute does)."""
+    run = RunFolder(str(tmp_path / "train-best"), metric="val_miou", mode="max")
+    scores = {1: 0.2, 2: 0.6, 3: 0.1, 4: 0.5, 5: float("nan"), 6: 0.3}
+    for epoch, score in scores.items():
+        run.save(_checkpoint(tmp_path / f"local{epoch}", epoch), epoch, score=score)
+    kept = sorted(p.name for p in (tmp_path / "train-best").glob("checkpoint_*"))
+    assert kept == ["checkpoint_000002", "checkpoint_000004", "checkpoint_000006"]
+    assert run.latest().path.endswith("checkpoint_000006")
+
+
 def test_a_checkpoint_cut_off_mid_upload_is_not_resumed_from(tmp_path) -> None:
     """A process killed while a checkpoint uploads leaves its folder without the pointer."""
     run = RunFolder(str(tmp_path / "train-b"))

@@ -78,21 +78,29 @@ def describe(config: dict[str, Any]) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]], *, metric: str) -> str:
-    """A plain-text table of trials: id, metric, epochs run, and the key parameters."""
-    header = ["trial", metric, "epochs", "params"]
+    """A plain-text table of trials: id, the score of its best epoch and which epoch that was,
+    the last epoch's score, epochs run, and the key parameters."""
+    header = ["trial", metric, "best epoch", "last", "epochs", "params"]
     lines = [header] + [
         [
             row["trial_id"],
-            "nan" if row[metric] is None else f"{row[metric]:.4f}",
+            _score(row[metric]),
+            "-" if row.get("best_epoch") is None else str(row["best_epoch"]),
+            _score(row.get("last")),
             str(row["epochs"]),
             describe(row["config"]),
         ]
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    columns = len(header) - 1
+    widths = [max(len(line[i]) for line in lines) for i in range(columns)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line[:3], widths, strict=True))
+        "  ".join(cell.ljust(width) for cell, width in zip(line[:columns], widths, strict=True))
         + "  "
-        + line[3]
+        + line[columns]
         for line in lines
     )
+
+
+def _score(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4f}"

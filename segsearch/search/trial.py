@@ -5,7 +5,7 @@ checkpoint, bad data is never trained on again."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import numpy as np
 from ray.tune import Callback
 
 from segsearch.config import TrialConfig
+from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.search.capacity import in_trial_process
@@ -24,6 +25,9 @@ OVERLAY_IMAGES = 4
 #: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
 #: data found mid-trial) is never retried.
 TRAIN_RETRIES = 1
+#: Checkpoints a Train run keeps besides its latest (which resumes it): the best by the search's
+#: metric, so a trial offers the model of its best epoch, not of its last.
+CHECKPOINTS_KEPT = 2
 #: A trial's result history as Tune writes it in the trial's folder.
 TRIAL_HISTORY_FILES = ("result.json", "progress.csv")
 
@@ -38,6 +42,39 @@ class TrialContext:
     epochs: int
     resources: ResourcesSpec
     overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    metric: str = "val_miou"
+    mode: str = "max"
+    #: The splits a trial trains on; with "val" among them (a refit on train+val) nothing is
+    #: held out, and the run keeps its latest checkpoints instead of its best.
+    train_splits: tuple[str, ...] = ("train",)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether val is kept out of training, so its scores rank epochs and trials."""
+        return "val" not in self.train_splits
+
+    def training_data(self, datasets: dict[str, Any]) -> tuple[dict[str, Any], DatasetInfo]:
+        """The Ray Datasets and DatasetInfo one trial trains with: `train` is the union of
+        train_splits (the info counts its images, which sizes the lr schedule)."""
+        info = self.dataset.info
+        if self.train_splits == ("train",):
+            return datasets, info
+        first, *others = (datasets[split] for split in self.train_splits)
+        images = sum(info.splits[split] for split in self.train_splits)
+        splits = {**info.splits, "train": images}
+        return {**datasets, "train": first.union(*others)}, replace(info, splits=splits)
+
+    def checkpoint_config(self) -> Any:
+        """Keep the latest checkpoint (resume) and the best by the metric (promotion)."""
+        import ray.train
+
+        if not self.held_out:
+            return ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
+        return ray.train.CheckpointConfig(
+            num_to_keep=CHECKPOINTS_KEPT,
+            checkpoint_score_attribute=self.metric,
+            checkpoint_score_order=self.mode,
+        )
 
 
 class KeepTrialHistory(Callback):
@@ -126,17 +163,21 @@ def _train_here(
     from segsearch.search.train import train
     from segsearch.search.worker import RunFolder, TrialProcessWorker, trial_device
 
-    run = RunFolder(f"{_runs_folder(context)}/{_run_name(trial_id)}")
+    run = RunFolder(
+        f"{_runs_folder(context)}/{_run_name(trial_id)}",
+        metric=context.metric if context.held_out else None,
+        mode=context.mode,
+    )
     job = ray.get_runtime_context().get_job_id()
     earlier = run.bad_data(job)
     if earlier is not None:
         raise UserError(earlier)
     try:
-        datasets = _datasets(trial, context)
+        datasets, info = _datasets(trial, context)
         timings["data"] = time.time()
         device = trial_device(context.resources.gpus_per_worker)
         worker = TrialProcessWorker(run=run, datasets=datasets, device=device)
-        train(_loop_config(trial, context, timings), worker)
+        train(_loop_config(trial, context, timings, info), worker)
     except UserError as err:
         run.mark_bad_data(str(err), job)
         raise
@@ -152,7 +193,7 @@ def _trainer(
 
     from segsearch.search.train import train_loop_per_worker
 
-    datasets = _datasets(trial, context)
+    datasets, info = _datasets(trial, context)
     timings["data"] = time.time()
     wanted = context.resources
     resources = {"CPU": wanted.cpus_per_worker}
@@ -160,7 +201,7 @@ def _trainer(
         resources["GPU"] = wanted.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=_loop_config(trial, context, timings),
+        train_loop_config=_loop_config(trial, context, timings, info),
         scaling_config=ray.train.ScalingConfig(
             num_workers=wanted.workers,
             use_gpu=wanted.gpus_per_worker > 0,
@@ -172,27 +213,28 @@ def _trainer(
             name=_run_name(trial_id),
             storage_path=_runs_folder(context),
             failure_config=ray.train.FailureConfig(max_failures=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=context.checkpoint_config(),
             callbacks=[TuneReportCallback()],
         ),
     )
 
 
-def _datasets(trial: TrialConfig, context: TrialContext) -> dict[str, Any]:
-    """The trial's data: a Ray Dataset per split."""
+def _datasets(trial: TrialConfig, context: TrialContext) -> tuple[dict[str, Any], DatasetInfo]:
+    """The trial's data (a Ray Dataset per split, `train` the union of its training splits)
+    and the DatasetInfo that counts them."""
     from segsearch.data.ray_data import load_splits
 
-    return load_splits(context.dataset, image_size=trial.image_size)
+    return context.training_data(load_splits(context.dataset, image_size=trial.image_size))
 
 
 def _loop_config(
-    trial: TrialConfig, context: TrialContext, timings: dict[str, float]
+    trial: TrialConfig, context: TrialContext, timings: dict[str, float], info: DatasetInfo
 ) -> dict[str, Any]:
     """`train.train`'s config (see there)."""
     return {
         "trial": trial,
         "dataset": context.dataset.uri,
-        "dataset_info": context.dataset.info,
+        "dataset_info": info,
         "overlay": overlay_at(context.overlay, trial.image_size),
         "launched_at": timings["entered"],
         "timings": dict(timings),

@@ -7,8 +7,9 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,21 @@ from segsearch.data.shards import OpenedDataset, open_dataset
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
 from segsearch.search.capacity import check_capacity, trial_cpus, trial_resources
+from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
-from segsearch.search.progress import TrialProgress, format_table, print_line, result_epoch
+from segsearch.search.progress import TrialProgress, format_table, print_line
+from segsearch.search.refit import (
+    Compute,
+    checkpoint_uri,
+    chosen_refit,
+    evaluate_on_test,
+    refit_path,
+    refit_phase,
+    refit_rows,
+    refit_tuner,
+    spent,
+    training_images,
+)
 from segsearch.search.study import (
     StudySearch,
     check_new_study,
@@ -61,7 +75,8 @@ class SearchInterrupted(Exception):
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The outcome of a search: the best trial and a row per trial."""
+    """The outcome of a search: the best trial and a row per trial (scored by its best epoch);
+    with a refit, a row per refit trial; the compute spent; the final model's test scores."""
 
     name: str
     metric: str
@@ -72,6 +87,15 @@ class SearchResult:
     best_checkpoint: str | None
     trials: list[dict[str, Any]]
     experiment_path: str
+    refit: list[dict[str, Any]] = field(default_factory=list)
+    compute: Compute | None = None
+    test: Any = None  # segsearch.serve.evaluate.Evaluation of the final model, if scored
+
+    @property
+    def final_checkpoint(self) -> str | None:
+        """The model the search ends with: its chosen refit's, else its best trial's."""
+        chosen = chosen_refit(self.refit)
+        return chosen["checkpoint"] if chosen else self.best_checkpoint
 
     @property
     def worst_metric(self) -> float | None:
@@ -81,7 +105,10 @@ class SearchResult:
         return min(scores) if self.mode == "max" else max(scores)
 
     def table(self) -> str:
-        return format_table(self.trials, metric=self.metric)
+        table = format_table(self.trials, metric=self.metric)
+        if self.refit:
+            table += "\n\nrefit:\n" + format_table(self.refit, metric=self.metric)
+        return table
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (`segsearch search --json`): every trial but its history."""
@@ -136,6 +163,9 @@ def run_search(
     storage = resolve_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     can_restore = _can_restore(experiment_path, resume=resume, name=spec.name)
+    restore_refit = spec.refit is not None and _can_restore(
+        refit_path(storage, spec.name), resume=resume, name=spec.name
+    )
     check_tracking_server(resolve_tracking_uri(tracking_uri))
     study_url = resolve_study_storage(
         optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
@@ -152,32 +182,153 @@ def run_search(
         dataset_fingerprint=dataset_fingerprint(dataset, info.splits),
         settings={**_settings(spec), "optuna_storage": without_password(study_url)},
         epochs=spec.epochs,
+        metric=spec.metric,
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
-    try:
-        with registered(spec.name, study_url):
-            tuner = _tuner(
+    with registered(spec.name, study_url):
+        grid, wall_s = _fit(
+            lambda: _tuner(
                 spec, opened, storage, tracker, study_url, points, restore=can_restore, echo=echo
-            )
-            with _StopSignalWatch() as stop_signal:
-                grid = tuner.fit()
+            ),
+            tracker,
+            trials=spec.trials,
+            interrupted=SearchInterrupted(spec.name, experiment_path),
+        )
+    result = _summarize(grid, spec, experiment_path)
+    image_epochs, worker_s = spent(
+        result.trials, images=info.splits["train"], resources=spec.resources
+    )
+    compute = Compute(
+        search_image_epochs=image_epochs,
+        search_wall_s=wall_s,
+        search_worker_s=worker_s,
+        train_images=info.splits["train"],
+    )
+    refit_grid: Any = ()
+    if spec.refit is not None:
+        searched = (grid, result, compute)
+        refit_grid, result, compute = _refit(
+            spec, opened, storage, tracker, searched, restore=restore_refit, echo=echo
+        )
+    refit = chosen_refit(result.refit)
+    final = refit or (result.trials[0] if result.best_trial_id else None)
+    evaluation = None
+    if final is not None and final["checkpoint"]:
+        model = checkpoint_uri(final["checkpoint"], storage)
+        try:
+            evaluation = evaluate_on_test(model, dataset, info, echo)
+        except KeyboardInterrupt:
+            tracker.interrupted()
+            raise SearchInterrupted(spec.name, experiment_path) from None
+    summary = tracker.finish(
+        grid,
+        metric=spec.metric,
+        mode=spec.mode,
+        refit=refit_grid,
+        refit_choice=refit["trial_id"] if refit is not None else None,
+        parent_metrics=compute.metrics(),
+        evaluation=evaluation,
+        evaluated_trial=final["trial_id"] if evaluation is not None else None,
+        study=_finished_study(spec.name, study_url, echo),
+    )
+    echo(compute.describe())
+    if refit is not None:
+        echo(
+            f"refit model: trial {refit['trial_id']} (refit of {refit['refit_of']}), "
+            f"checkpoint {refit['checkpoint']}"
+        )
+    if evaluation is not None:
+        echo(f"final model (trial {final['trial_id']}):\n{evaluation.table()}")
+    echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
+    return replace(result, compute=compute, test=evaluation)
+
+
+def _fit(
+    make_tuner: Callable[[], Any],
+    tracker: SearchTracker,
+    *,
+    trials: int,
+    interrupted: SearchInterrupted,
+) -> tuple[Any, float]:
+    """Run a Tuner to its end: (its ResultGrid, wall seconds). After Ctrl-C the tracker ends
+    the search interrupted and `interrupted` is raised; any other error ends it FAILED, and a
+    UserError stays one line."""
+    started = time.monotonic()
+    try:
+        tuner = make_tuner()
+        with _StopSignalWatch() as stop_signal:
+            grid = tuner.fit()
     except KeyboardInterrupt:
         tracker.interrupted()
-        raise SearchInterrupted(spec.name, experiment_path) from None
+        raise interrupted from None
     except BaseException as err:
         tracker.failed(last_line(err))
         found = user_error_in(err)
         if found is not None:  # of its own kind: ServiceUnavailable keeps its exit code
             raise type(found)(str(found)) from None
         raise
-    if stop_signal.seen or _interrupted(grid, spec):
+    if stop_signal.seen or _interrupted(grid, trials):
         tracker.interrupted()
-        raise SearchInterrupted(spec.name, experiment_path)
-    summary = tracker.finish(
-        grid, metric=spec.metric, mode=spec.mode, study=_finished_study(spec.name, study_url, echo)
+        raise interrupted
+    return grid, time.monotonic() - started
+
+
+def _refit(
+    spec: SearchSpec,
+    dataset: OpenedDataset,
+    storage: str,
+    tracker: SearchTracker,
+    searched: tuple[Any, SearchResult, Compute],
+    *,
+    restore: bool,
+    echo: Callable[[str], None],
+) -> tuple[Any, SearchResult, Compute]:
+    """Train the search's top_k configurations again (spec.refit), given the search's
+    (ResultGrid, SearchResult, Compute): the refit's ResultGrid, the result with the refit's
+    rows, and the compute with the refit's."""
+    assert spec.refit is not None
+    search_grid, result, compute = searched
+    phase = refit_phase(result.trials, spec.refit, spec.metric)
+    if not phase.sources:
+        echo("refit: skipped, no trial reported a score")
+        return (), result, compute
+    tracker.begin_refit(search_grid, phase)
+    grid, wall_s = _fit(
+        lambda: refit_tuner(
+            phase,
+            _trial_context(spec, dataset, storage),
+            name=spec.name,
+            storage=storage,
+            tracker=tracker,
+            concurrency=_concurrency(spec, echo),
+            restore=restore,
+            echo=echo,
+        ),
+        tracker,
+        trials=len(phase.sources),
+        interrupted=SearchInterrupted(spec.name, result.experiment_path),
     )
-    echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
-    return _summarize(grid, spec, experiment_path)
+    rows = refit_rows(grid, phase, metric=spec.metric, mode=spec.mode)
+    images = training_images(dataset.info, spec.refit.on)
+    image_epochs, worker_s = spent(rows, images=images, resources=spec.resources)
+    compute = replace(
+        compute, refit_image_epochs=image_epochs, refit_wall_s=wall_s, refit_worker_s=worker_s
+    )
+    return grid, replace(result, refit=rows), compute
+
+
+def _trial_context(spec: SearchSpec, dataset: OpenedDataset, storage: str) -> TrialContext:
+    """What every trial of the search shares (a refit changes its epochs and splits)."""
+    return TrialContext(
+        search_name=spec.name,
+        dataset=dataset,
+        storage=storage,
+        epochs=spec.epochs,
+        resources=spec.resources,
+        overlay=overlay_batch(dataset),
+        metric=spec.metric,
+        mode=spec.mode,
+    )
 
 
 def _finished_study(name: str, url: str, echo: Callable[[str], None]) -> Any:
@@ -225,14 +376,7 @@ def _tuner(
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    context = TrialContext(
-        search_name=spec.name,
-        dataset=dataset,
-        storage=storage,
-        epochs=spec.epochs,
-        resources=spec.resources,
-        overlay=overlay_batch(dataset),
-    )
+    context = _trial_context(spec, dataset, storage)
     trainable = ray.tune.with_parameters(run_trial, context=context)
     resources = trial_resources(spec.resources)
     if resources is not None:
@@ -311,12 +455,12 @@ class _StopSignalWatch(logging.Handler):
         self._logger.propagate = self._saved[1]
 
 
-def _interrupted(grid: Any, spec: SearchSpec) -> bool:
+def _interrupted(grid: Any, trials: int) -> bool:
     """Whether Tune returned early: it catches Ctrl-C itself, saves its state and returns the
     trials so far, some still unfinished (or fewer than asked)."""
-    trials = grid._experiment_analysis.trials
-    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    return bool(unfinished) or len(trials) < spec.trials
+    started = grid._experiment_analysis.trials
+    unfinished = [t for t in started if t.status not in ("TERMINATED", "ERROR")]
+    return bool(unfinished) or len(started) < trials
 
 
 def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
@@ -348,6 +492,7 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
         },
         "warm_start": spec.warm_start.model_dump() if spec.warm_start else None,
         "resources": spec.resources.model_dump(),
+        **({"refit": spec.refit.model_dump()} if spec.refit else {}),
     }
 
 
@@ -465,24 +610,7 @@ def check_writable(path: Path) -> None:
 
 
 def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        score = metrics.get(spec.metric)
-        history = result.metrics_dataframe
-        rows.append(
-            {
-                "trial_id": metrics.get("trial_id", "?"),
-                spec.metric: None if score is None or math.isnan(score) else float(score),
-                "epochs": result_epoch(metrics),
-                "config": result.config or {},
-                "checkpoint": metrics.get("checkpoint_path"),
-                "error": last_line(result.error) if result.error else None,
-                "history": [] if history is None else history.to_dict("records"),
-            }
-        )
-    sign = -1 if spec.mode == "max" else 1
-    rows.sort(key=lambda r: math.inf if r[spec.metric] is None else sign * r[spec.metric])
+    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode)
     best = rows[0] if rows and rows[0][spec.metric] is not None else None
     return SearchResult(
         name=spec.name,

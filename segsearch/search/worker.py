@@ -14,6 +14,7 @@ resuming and the search's result read both paths alike.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,8 +24,10 @@ import torch
 from torch import nn
 
 from segsearch.data.storage import filesystem_for, join
+from segsearch.values import is_number
 
-#: Checkpoints a one-worker trial keeps, as Train's CheckpointConfig(num_to_keep=2) does.
+#: Checkpoints a one-worker trial keeps besides its latest, as Train's CheckpointConfig does:
+#: the best by the search's metric (the last ones when nothing is held out to score them).
 CHECKPOINTS_KEPT = 2
 #: The result key naming a report's checkpoint, as TuneReportCallback names it.
 CHECKPOINT_PATH_KEY = "checkpoint_path"
@@ -89,13 +92,20 @@ def ray_train_worker() -> RayTrainWorker:
 class RunFolder:
     """A one-worker trial's checkpoints in storage: `checkpoint_<epoch>` folders and a small
     `latest_checkpoint.json` written after each is complete, so a process killed while one
-    uploads resumes from the one before."""
+    uploads resumes from the one before.
+
+    With a `metric`, the CHECKPOINTS_KEPT best epochs by it (the later of equal ones) are kept
+    besides the latest, so the trial offers its best epoch's model, as a Train run does with
+    `checkpoint_score_attribute`; without one, the last CHECKPOINTS_KEPT.
+    """
 
     LATEST = "latest_checkpoint.json"
     BAD_DATA = "bad_data.json"
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, metric: str | None = None, mode: str = "max") -> None:
         self.filesystem, self.root = filesystem_for(uri)
+        self.metric = metric
+        self.mode = mode
 
     def latest(self) -> ray.train.Checkpoint | None:
         """The last complete checkpoint, or None before the first."""
@@ -104,16 +114,33 @@ class RunFolder:
             return None
         return ray.train.Checkpoint(json.loads(text)["path"], filesystem=self.filesystem)
 
-    def save(self, directory: str, epoch: int) -> str:
-        """Upload a local checkpoint folder as this epoch's; its path in storage."""
+    def save(self, directory: str, epoch: int, score: float | None = None) -> str:
+        """Upload a local checkpoint folder as this epoch's (scored `score` by the metric);
+        its path in storage."""
         import pyarrow.fs
 
         path = join(self.root, f"checkpoint_{epoch:06d}")
         self.filesystem.create_dir(path, recursive=True)
         pyarrow.fs.copy_files(directory, path, destination_filesystem=self.filesystem)
-        self._write(self.LATEST, json.dumps({"path": path, "epoch": epoch}))
-        self._prune(keep_from=epoch - CHECKPOINTS_KEPT + 1)
+        scores = {**self._scores(), str(epoch): score}
+        self._write(self.LATEST, json.dumps({"path": path, "epoch": epoch, "scores": scores}))
+        self._prune(keep=self._kept(scores, latest=epoch))
         return path
+
+    def _scores(self) -> dict[str, float | None]:
+        """Each kept epoch's score, as the last save recorded them."""
+        text = self._read(self.LATEST)
+        return json.loads(text).get("scores", {}) if text else {}
+
+    def _kept(self, scores: dict[str, float | None], *, latest: int) -> set[int]:
+        """The latest epoch and the CHECKPOINTS_KEPT best (or last) ones."""
+        epochs = sorted(int(epoch) for epoch in scores)
+        if self.metric is None:
+            return {latest, *epochs[-CHECKPOINTS_KEPT:]}
+        sign = 1.0 if self.mode == "max" else -1.0
+        scored = [e for e in epochs if is_number(scores[str(e)]) and not math.isnan(scores[str(e)])]
+        ranked = sorted(scored, key=lambda e: (sign * scores[str(e)], e), reverse=True)
+        return {latest, *ranked[:CHECKPOINTS_KEPT]}
 
     def bad_data(self, job: str) -> str | None:
         """The one-line data error an earlier attempt of this trial met in the same Ray job."""
@@ -127,14 +154,14 @@ class RunFolder:
         """Remember a data error, so Tune's retry of the trial in this job fails at once."""
         self._write(self.BAD_DATA, json.dumps({"error": line, "job": job}))
 
-    def _prune(self, keep_from: int) -> None:
+    def _prune(self, keep: set[int]) -> None:
         import pyarrow.fs
 
         listing = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.root))
         for info in listing:
             epoch = Path(info.path).name.removeprefix("checkpoint_")
             is_folder = info.type == pyarrow.fs.FileType.Directory
-            if is_folder and epoch.isdigit() and int(epoch) < keep_from:
+            if is_folder and epoch.isdigit() and int(epoch) not in keep:
                 self.filesystem.delete_dir(info.path)
 
     def _read(self, name: str) -> str | None:
@@ -184,7 +211,9 @@ class TrialProcessWorker:
         if checkpoint is self._restored and checkpoint is not None:
             result[CHECKPOINT_PATH_KEY] = checkpoint.path
         elif checkpoint is not None:
-            result[CHECKPOINT_PATH_KEY] = self.run.save(checkpoint.path, int(metrics["epoch"]))
+            score = metrics.get(self.run.metric) if self.run.metric else None
+            epoch = int(metrics["epoch"])
+            result[CHECKPOINT_PATH_KEY] = self.run.save(checkpoint.path, epoch, score=score)
         ray.tune.report(result)
 
 

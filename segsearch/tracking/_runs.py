@@ -68,14 +68,16 @@ def open_parent(client: MlflowClient, experiment_id: str, name: str) -> tuple[st
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id, False
 
 
-def children_of(client: MlflowClient, experiment_id: str, parent_id: str) -> dict[str, str]:
-    """Trial id → run id of the parent's existing child runs."""
+def children_of(
+    client: MlflowClient, experiment_id: str, parent_id: str, *, role: str = "trial"
+) -> dict[str, str]:
+    """Trial id → run id of the parent's existing child runs of one role (trial or refit)."""
     children: dict[str, str] = {}
     token = None
     while True:
         page = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{PARENT_RUN}` = '{parent_id}' and tags.`{ROLE}` = 'trial'",
+            filter_string=f"tags.`{PARENT_RUN}` = '{parent_id}' and tags.`{ROLE}` = '{role}'",
             max_results=1000,
             page_token=token,
         )
@@ -96,9 +98,10 @@ def open_child(
     search_name: str,
     trial_id: str,
     known: str | None,
+    tags: Mapping[str, Any] | None = None,
 ) -> str:
     """The trial's child run: the known or tagged one reopened, else a new one (with the
-    parent's dataset fingerprint)."""
+    parent's dataset fingerprint, and `tags` over the trial's own: a refit run's role)."""
     run_id = known or _find_child(client, experiment_id, parent_id, trial_id)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
@@ -112,6 +115,7 @@ def open_child(
         TRIAL_ID: trial_id,
         PARENT_RUN: parent_id,
         STATUS: "running",
+        **(tags or {}),
     }
     fingerprint = client.get_run(parent_id).data.tags.get(DATASET_FINGERPRINT)
     if fingerprint:

@@ -40,6 +40,7 @@ from segsearch.tracking._outcome import (
     error_text,
     outcome_of,
 )
+from segsearch.tracking._refit import SEARCH_SCORE_PREFIX, RefitPhase
 from segsearch.tracking._writer import Writer, masked_first_line
 from segsearch.tracking.tags import (
     BEST_MODEL_URI,
@@ -51,7 +52,10 @@ from segsearch.tracking.tags import (
     MODEL_CHECKPOINT,
     MODEL_URI,
     REASON,
+    REFIT_MODEL_URI,
+    REFIT_RUN_ID,
     STATUS,
+    TEST_MODEL,
 )
 from segsearch.tracking.tags import ERROR as ERROR_TAG
 from segsearch.values import is_number
@@ -98,6 +102,8 @@ class TrackingSummary:
     best_run_id: str | None
     model_uri: str | None
     unlogged: tuple[str, ...]
+    refit_run_id: str | None = None
+    refit_model_uri: str | None = None
 
 
 def _log(line: str) -> None:
@@ -120,9 +126,12 @@ class SearchTracker:
         children: dict[str, str],
         epochs: int,
         staging: Path,
+        refit_children: set[str] | None = None,
+        metric: str = "val_miou",
     ) -> None:
         self.writer = writer
         self.search_name = search_name
+        self.metric = metric
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.epochs = epochs
@@ -136,6 +145,10 @@ class SearchTracker:
         self._started: set[str] = set()
         self._ended: set[str] = set()
         self._model_uri: str | None = None
+        self._refit: RefitPhase | None = None
+        self._refit_model_uri: str | None = None
+        self._refit_run_id: str | None = None
+        self._refit_children: set[str] = set(refit_children or ())
 
     @classmethod
     def start(
@@ -149,6 +162,7 @@ class SearchTracker:
         settings: Mapping[str, Any],
         epochs: int,
         dataset_fingerprint: str | None = None,
+        metric: str = "val_miou",
         echo: Callable[[str], None] = _log,
         retry_every_s: float = 15.0,
     ) -> SearchTracker:
@@ -176,6 +190,9 @@ class SearchTracker:
             for path in _files.parent_files(staging, space_path, dataset_info):
                 writer.now(lambda c, path=path: c.log_artifact(parent_id, str(path)))
             children = writer.now(lambda c: _runs.children_of(c, experiment_id, parent_id))
+            refits = writer.now(
+                lambda c: _runs.children_of(c, experiment_id, parent_id, role="refit")
+            )
         except Exception as err:
             if writer is not None:
                 writer.close()
@@ -199,7 +216,10 @@ class SearchTracker:
             children=children,
             epochs=epochs,
             staging=staging,
+            refit_children=set(refits),
+            metric=metric,
         )
+        tracker._children.update(refits)
         register(tracker)
         return tracker
 
@@ -207,11 +227,26 @@ class SearchTracker:
         """The Tune callback that logs every trial event of this search."""
         return TrackingCallback(self)
 
+    def begin_refit(self, results: Any, phase: RefitPhase) -> None:
+        """From now on, trials are refits of the search's best configurations (`phase`); the
+        search's own trials whose end this process did not see are logged first."""
+        for result in results:
+            self._catch_up(outcome_of(result, epochs=self.epochs))
+        self._refit = phase
+
+    def _epochs_of(self, trial_id: str) -> int:
+        refit = self._refit is not None and trial_id in self._refit_children
+        return self._refit.epochs if refit else self.epochs
+
     def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
         """Queue: open the trial's child run (or reopen it) and log its params."""
         self._started.add(trial_id)
+        tags: dict[str, Any] = {}
+        if self._refit is not None:
+            self._refit_children.add(trial_id)
+            tags = self._refit.tags_for(config)
         params = {**config}
-        params.setdefault("epochs", self.epochs)
+        params.setdefault("epochs", self._epochs_of(trial_id))
 
         def open_run(client: MlflowClient) -> None:
             run_id = _runs.open_child(
@@ -221,12 +256,17 @@ class SearchTracker:
                 search_name=self.search_name,
                 trial_id=trial_id,
                 known=self._children.get(trial_id),
+                tags=tags,
             )
             self._children[trial_id] = run_id
             self._logged[trial_id] = _runs.last_step(client, run_id)
             for key, step in _runs.image_steps(client, run_id).items():
                 self._imaged[trial_id, key] = step
             _runs.log_params(client, run_id, params, echo=self.writer.echo)
+            score = self._refit.search_score(config) if self._refit else None
+            if score is not None:
+                name = safe_key(f"{SEARCH_SCORE_PREFIX}{self.metric}")
+                _runs.log_batch(client, run_id, metrics=[Metric(name, score, _now_ms(), 0)])
 
         self.writer.submit(f"trial {trial_id}: run and params", open_run)
 
@@ -237,7 +277,8 @@ class SearchTracker:
         Tune saves its state every few seconds; a trial started since then is gone with the
         driver, its run left RUNNING and its work drawn again as a new trial.
         """
-        lost = sorted(set(self._children) - restored - self._started)
+        phase = {t for t in self._children if (t in self._refit_children) == bool(self._refit)}
+        lost = sorted(phase - restored - self._started)
         if not lost:
             return
         tags = {STATUS: LOST, REASON: LOST_REASON}
@@ -260,8 +301,11 @@ class SearchTracker:
         if self._steps.get(trial_id) == step:
             return
         self._steps[trial_id] = step
-        timestamp = int(time.time() * 1000)
-        metrics = [Metric(k, v, timestamp, step) for k, v in epoch_metrics(result).items()]
+        timestamp = _now_ms()
+        values = epoch_metrics(result)
+        if trial_id in self._refit_children and self._refit and not self._refit.held_out:
+            values = {k: v for k, v in values.items() if not k.startswith("val_")}
+        metrics = [Metric(k, v, timestamp, step) for k, v in values.items()]
         self.writer.submit(
             f"trial {trial_id}: metrics of epoch {step}",
             lambda c: self._log_epoch(c, trial_id, step, metrics),
@@ -317,7 +361,7 @@ class SearchTracker:
         it (secrets masked) the run's error.txt. With `only_if_running`, a run that MLflow no
         longer has RUNNING (ended by an earlier process) is left as it is.
         """
-        status = end_status(dict(last), epochs=self.epochs, failed=error is not None)
+        status = end_status(dict(last), epochs=self._epochs_of(trial_id), failed=error is not None)
         tags = {STATUS: status, EPOCHS_RUN: epoch_of(dict(last))}
 
         def run_to_end(client: MlflowClient) -> str | None:
@@ -352,10 +396,21 @@ class SearchTracker:
         metric: str,
         mode: str = "max",
         study: Any = None,
+        refit: Any = (),
+        refit_choice: str | None = None,
+        parent_metrics: Mapping[str, float] | None = None,
+        evaluation: Any = None,
+        evaluated_trial: str | None = None,
         wait_s: float = FINISH_WAIT_S,
     ) -> TrackingSummary:
         """Log the best trial and its model, the pictures of `study` (the search's Optuna study)
         and the trials table; end the parent run.
+
+        A trial's score and model are its best epoch's (`best_epoch` and `best_<metric>` on its
+        run). With `refit` (the results after `begin_refit`), each refit run logs its model and
+        the parent names the one promote takes (trial `refit_choice`). `parent_metrics` (the
+        compute spent) and `evaluation` (a segsearch.serve.evaluate.Evaluation of
+        `evaluated_trial`'s model) go on the parent run, the evaluation also on that trial's.
 
         Never raises for MLflow failures: the search itself is done. It waits at most `wait_s`
         in all for MLflow; what could not be logged by then is in the summary's `unlogged` and
@@ -364,15 +419,29 @@ class SearchTracker:
         deadline = time.monotonic() + wait_s
         self.drain(wait_s)
         outcomes = sorted(
-            (outcome_of(result, epochs=self.epochs) for result in results),
+            (outcome_of(r, epochs=self.epochs, metric=metric, mode=mode) for r in results),
             key=lambda o: o.trial_id,
         )
-        for outcome in outcomes:
+        refits = self._refit_outcomes(refit, metric=metric, mode=mode)
+        for outcome in [*outcomes, *refits]:
             self._catch_up(outcome)
+        for outcome in outcomes + [o for o in refits if self._refit and self._refit.held_out]:
+            self._record_best_epoch(outcome, metric)
         best = best_of(outcomes, metric=metric, mode=mode)
         with self._reported("search run: best trial"):
             if best is not None:
                 self._record_best(best, metric)
+        with self._reported("search run: refit models"):
+            self._record_refits(refits, refit_choice)
+        if parent_metrics:
+            stamp = _now_ms()
+            values = [Metric(safe_key(k), float(v), stamp, 0) for k, v in parent_metrics.items()]
+            self.writer.submit(
+                "search run: compute",
+                lambda c: _runs.log_batch(c, self.parent_run_id, metrics=values),
+            )
+        if evaluation is not None:
+            self._record_evaluation(evaluation, evaluated_trial)
         with self._reported("search run: pictures and trials table"):
             self._log_search_files(results, metric=metric, study=study)
         failed = bool(outcomes) and all(o.status == ERROR for o in outcomes)
@@ -394,6 +463,8 @@ class SearchTracker:
             best_run_id=self._children.get(best_id) if best_id else None,
             model_uri=self._model_uri,
             unlogged=unlogged,
+            refit_run_id=self._refit_run_id,
+            refit_model_uri=self._refit_model_uri,
         )
 
     def interrupted(self) -> None:
@@ -509,11 +580,13 @@ class SearchTracker:
 
         self.writer.submit(f"search run: best trial {trial_id}", on_parent)
         if best.checkpoint:
-            self._log_best_model(best)
+            self._log_model(best, folder="best_model", parent_tag=BEST_MODEL_URI)
 
-    def _log_best_model(self, best: TrialOutcome) -> None:
-        trial_id, checkpoint = best.trial_id, str(best.checkpoint)
-        model_dir = self._staging / "best_model"
+    def _log_model(self, outcome: TrialOutcome, *, folder: str, parent_tag: str | None) -> None:
+        """Log the model of the outcome's checkpoint (its best epoch's) to its run, once; with
+        `parent_tag`, name it on the parent run."""
+        trial_id, checkpoint = outcome.trial_id, str(outcome.checkpoint)
+        model_dir = self._staging / folder
         shutil.rmtree(model_dir, ignore_errors=True)
 
         def log_model(client: MlflowClient) -> None:
@@ -522,20 +595,89 @@ class SearchTracker:
             run_id = self._run(trial_id)
             tags = client.get_run(run_id).data.tags
             if tags.get(MODEL_CHECKPOINT) == mask(checkpoint):
-                self._model_uri = tags.get(MODEL_URI)
-                return
-            with _runs.global_tracking_uri(self.writer.tracking_uri):
-                uri = log_model(str(model_dir), run_id=run_id)
-            model_tags = {MODEL_URI: uri, MODEL_CHECKPOINT: checkpoint}
-            _runs.log_tags(client, run_id, model_tags)
-            _runs.log_tags(client, self.parent_run_id, {BEST_MODEL_URI: uri})
-            self._model_uri = uri
+                uri = tags.get(MODEL_URI)
+            else:
+                with _runs.global_tracking_uri(self.writer.tracking_uri):
+                    uri = log_model(str(model_dir), run_id=run_id)
+                model_tags = {MODEL_URI: uri, MODEL_CHECKPOINT: checkpoint}
+                _runs.log_tags(client, run_id, model_tags)
+            if parent_tag is not None and uri:
+                _runs.log_tags(client, self.parent_run_id, {parent_tag: uri})
+            if parent_tag == BEST_MODEL_URI:
+                self._model_uri = uri
+            elif parent_tag == REFIT_MODEL_URI:
+                self._refit_model_uri = uri
 
-        with self._reported(f"trial {trial_id}: best model from {mask(checkpoint)}"):
-            _files.copy_checkpoint(checkpoint, best.filesystem, model_dir)
+        with self._reported(f"trial {trial_id}: model from {mask(checkpoint)}"):
+            _files.copy_checkpoint(checkpoint, outcome.filesystem, model_dir)
             if not (model_dir / MODEL_FILE).is_file():
                 raise FileNotFoundError(f"the checkpoint has no {MODEL_FILE}")
-            self.writer.submit(f"trial {trial_id}: best model", log_model)
+            self.writer.submit(f"trial {trial_id}: model", log_model)
+
+    def _refit_outcomes(self, results: Any, *, metric: str, mode: str) -> list[TrialOutcome]:
+        """The refit trials as outcomes: scored by their best val epoch when val was held out,
+        else by their last epoch (nothing to choose an epoch by)."""
+        if self._refit is None:
+            return []
+        scored_by = metric if self._refit.held_out else None
+        epochs = self._refit.epochs
+        return sorted(
+            (outcome_of(r, epochs=epochs, metric=scored_by, mode=mode) for r in results),
+            key=lambda o: o.trial_id,
+        )
+
+    def _record_best_epoch(self, outcome: TrialOutcome, metric: str) -> None:
+        """`best_epoch` and `best_<metric>` on the trial's run: what its model and score are of."""
+        value = outcome.value(metric)
+        if value is None or not outcome.trial_id:
+            return
+        stamp = _now_ms()
+        metrics = [
+            Metric("best_epoch", float(outcome.best_epoch), stamp, 0),
+            Metric(safe_key(f"best_{metric}"), value, stamp, 0),
+        ]
+        self.writer.submit(
+            f"trial {outcome.trial_id}: best epoch",
+            lambda c: _runs.log_batch(c, self._run(outcome.trial_id), metrics=metrics),
+        )
+
+    def _record_refits(self, refits: list[TrialOutcome], choice: str | None) -> None:
+        """Log every finished refit run's model; name on the parent the one promote takes."""
+        for outcome in refits:
+            if outcome.status == ERROR or not outcome.checkpoint:
+                continue
+            chosen = outcome.trial_id == choice
+            self._log_model(
+                outcome,
+                folder=f"refit_model_{outcome.trial_id}",
+                parent_tag=REFIT_MODEL_URI if chosen else None,
+            )
+        if choice is None:
+            return
+
+        def on_parent(client: MlflowClient) -> None:
+            self._refit_run_id = self._run(choice)
+            _runs.log_tags(client, self.parent_run_id, {REFIT_RUN_ID: self._refit_run_id})
+
+        self.writer.submit("search run: refit run", on_parent)
+
+    def _record_evaluation(self, evaluation: Any, trial_id: str | None) -> None:
+        """The evaluation's metrics and files on the parent run and on the evaluated model's."""
+        from segsearch.serve.evaluate import log_evaluation
+
+        uri = self.writer.tracking_uri
+        model = {TEST_MODEL: f"{trial_id or '?'}: {mask(evaluation.model_uri)}"}
+
+        def on_parent(client: MlflowClient) -> None:
+            log_evaluation(evaluation, run_id=self.parent_run_id, tracking_uri=uri)
+            _runs.log_tags(client, self.parent_run_id, model)
+
+        self.writer.submit(f"search run: {evaluation.split} evaluation", on_parent)
+        if trial_id:
+            self.writer.submit(
+                f"trial {trial_id}: {evaluation.split} evaluation",
+                lambda c: log_evaluation(evaluation, run_id=self._run(trial_id), tracking_uri=uri),
+            )
 
     def _log_search_files(self, results: Any, *, metric: str, study: Any) -> None:
         """trials.csv and the Optuna study's pictures (`_pictures.PICTURES`) on the parent."""
@@ -566,3 +708,7 @@ def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         if (key in EPOCH_METRICS or key.startswith((CLASS_IOU_PREFIX, SYSTEM_PREFIX)))
         and is_number(value)
     }
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
