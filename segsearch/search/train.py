@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,26 +27,30 @@ from segsearch.checkpoint import (
 from segsearch.config import OptimConfig, TrialConfig
 from segsearch.data.augment import build_augment
 from segsearch.data.format import DatasetInfo
-from segsearch.errors import UserError, last_line
 from segsearch.losses import build_loss
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.search import placement
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
+if TYPE_CHECKING:
+    from segsearch.data.trial_data import TrialData
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one trial's model; report metrics and a checkpoint every epoch (rank 0 writes it).
 
     `config` holds `trial` (the TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its
-    URI), `overlay` (a few fixed validation images and masks at the trial's image size, for
-    pictures) and `launched_at` (wall-clock time the trial started, to report start-up time).
+    URI), `data` (the TrialData its batches come from), `overlay` (a few fixed validation images
+    and masks at the trial's image size, for pictures) and `launched_at` (wall-clock time the
+    trial started, to report start-up time).
     """
     import ray.train
     import ray.train.torch
 
     trial: TrialConfig = config["trial"]
     info: DatasetInfo = config["dataset_info"]
+    data: TrialData = config["data"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -86,7 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         model.train()
         loss_sum, images = 0.0, 0
-        for image, mask in _batches(ray.train.get_dataset_shard("train"), trial, device, True):
+        epoch_batches = data.batches("train", rank=rank, world=world, epoch=epoch)
+        for image, mask in _batches(epoch_batches, device):
             if startup_s is None:
                 startup_s = time.time() - config["launched_at"]
             image, mask = augment(image, mask, generator=generator)
@@ -102,7 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_time = time.perf_counter() - started
         loss_sum, images = _sum_across_workers([loss_sum, images], device)
 
-        matrix = _evaluate(net, ray.train.get_dataset_shard("val"), trial, info, normalize, device)
+        val_batches = data.batches("val", rank=rank, world=world, epoch=epoch)
+        matrix = _evaluate(net, val_batches, info, normalize, device)
         scores = matrix.compute()
         metrics = {
             "epoch": epoch,
@@ -145,41 +151,19 @@ class _Normalizer:
 
 
 def _batches(
-    shard: Any, trial: TrialConfig, device: torch.device, training: bool
+    batches: Iterable[dict[str, np.ndarray]], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from a Ray Data shard."""
-    batches = shard.iter_batches(
-        batch_size=trial.batch_size,
-        batch_format="numpy",
-        drop_last=training,
-        local_shuffle_buffer_size=4 * trial.batch_size if training else None,
-        local_shuffle_seed=trial.seed if training else None,
-    )
-    for batch in _data_stream(batches):
+    """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from numpy batches."""
+    for batch in batches:
         image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
         mask = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(device)
         yield image.permute(0, 3, 1, 2).float().div_(255), mask.long()
 
 
-def _data_stream(batches: Any) -> Iterator[dict[str, np.ndarray]]:
-    """The shard's batches; a failure to read or decode them is the data's (Ray Data already
-    retried its tasks), so it becomes a one-line UserError that fails the trial, never retried."""
-    iterator = iter(batches)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as err:
-            raise UserError(f"reading the data failed: {last_line(err)}") from None
-        yield batch
-
-
 @torch.no_grad()
 def _evaluate(
     net: nn.Module,
-    shard: Any,
-    trial: TrialConfig,
+    batches: Iterable[dict[str, np.ndarray]],
     info: DatasetInfo,
     normalize: _Normalizer,
     device: torch.device,
@@ -187,7 +171,7 @@ def _evaluate(
     net.eval()
     matrix = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     on_gpu = device.type == "cuda"
-    for image, mask in _batches(shard, trial, device, False):
+    for image, mask in _batches(batches, device):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits = net(normalize(image))
         matrix.update(logits.argmax(1), mask)

@@ -13,6 +13,7 @@ from ray.tune import Callback
 
 from segsearch.config import TrialConfig
 from segsearch.data.shards import OpenedDataset
+from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.search.progress import print_line
 from segsearch.space import ResourcesSpec, nest
@@ -35,6 +36,7 @@ class TrialContext:
     storage: str
     epochs: int
     resources: ResourcesSpec
+    data: SearchData
     overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
@@ -93,10 +95,11 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from segsearch.data.ray_data import load_splits
     from segsearch.search.train import train_loop_per_worker
 
-    datasets = load_splits(context.dataset, image_size=trial.image_size)
+    data = context.data.for_trial(
+        image_size=trial.image_size, batch_size=trial.batch_size, seed=trial.seed
+    )
     wanted = context.resources
     resources = {"CPU": wanted.cpus_per_worker}
     if wanted.gpus_per_worker:
@@ -107,6 +110,7 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
             "trial": trial,
             "dataset": context.dataset.uri,
             "dataset_info": context.dataset.info,
+            "data": data,
             "overlay": overlay_at(context.overlay, trial.image_size),
             "launched_at": time.time(),
         },
@@ -115,7 +119,7 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
             use_gpu=wanted.gpus_per_worker > 0,
             resources_per_worker=resources,
         ),
-        datasets=datasets,
+        datasets=data.trainer_datasets(wanted.workers),
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",

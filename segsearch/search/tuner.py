@@ -18,13 +18,14 @@ from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
+from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.search.capacity import TRIAL_DRIVER_CPUS, check_capacity
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress, format_table, print_line
 from segsearch.search.trial import KeepTrialHistory, TrialContext, overlay_batch, run_trial
-from segsearch.space import SearchSpec, nest
+from segsearch.space import SearchSpec, nest, search_image_sizes
 from segsearch.tracking import SearchTracker
 
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
@@ -153,12 +154,15 @@ def _tuner(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    data = SearchData.build(dataset, image_sizes=search_image_sizes(spec))
+    echo(data.describe())
     context = TrialContext(
         search_name=spec.name,
         dataset=dataset,
         storage=storage,
         epochs=spec.epochs,
         resources=spec.resources,
+        data=data,
         overlay=overlay_batch(dataset),
     )
     trainable = ray.tune.with_parameters(run_trial, context=context)
