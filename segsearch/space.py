@@ -239,6 +239,16 @@ def _parse_when(where: str, when: Any) -> tuple[tuple[str, tuple[Scalar, ...]], 
     return tuple(parsed)
 
 
+def search_image_sizes(spec: SearchSpec) -> set[tuple[int, int] | None]:
+    """Every image_size a trial of `spec` can train at: the fixed one; None for each image's own
+    size (none fixed) or for a size drawn from the space (no fixed list of sizes)."""
+    from segsearch.config import check_image_size
+
+    if any(param.key == "image_size" for param in spec.params):
+        return {None}
+    return {check_image_size(spec.fixed.get("image_size"))}
+
+
 def flatten_sections(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"model": {"arch": "unet"}} → {"model.arch": "unet"}, Optuna's parameter names: only the
     trial config's sections are flattened (the inverse of `nest`); dotted keys pass through."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.train
@@ -29,7 +29,6 @@ from segsearch.checkpoint import (
 from segsearch.config import OptimConfig, TrialConfig
 from segsearch.data.augment import build_augment
 from segsearch.data.format import DatasetInfo
-from segsearch.errors import UserError, last_line
 from segsearch.losses import build_loss
 from segsearch.manifest import trial_manifest
 from segsearch.metrics import ConfusionMatrix
@@ -38,6 +37,9 @@ from segsearch.search import placement
 from segsearch.search.system_metrics import SystemSampler
 from segsearch.search.worker import Worker, ray_train_worker
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
+
+if TYPE_CHECKING:
+    from segsearch.data.trial_data import TrialData
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -51,14 +53,16 @@ def train(config: dict[str, Any], worker: Worker) -> None:
 
     The one training loop of both paths: a Ray Train worker (`train_loop_per_worker`) or the
     Tune trial's own process (a one-worker trial, `trial.py`). `config` holds `trial` (the
-    TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its URI), `overlay` (a few fixed
-    validation images and masks at the trial's image size, for pictures), `launched_at` (when
-    the trial's function started, to report start-up time) and `timings` (when each start-up
-    stage before this loop ended, reported with the loop's own in `startup_at`).
+    TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its URI), `data` (the TrialData
+    its batches come from), `overlay` (a few fixed validation images and masks at the trial's
+    image size, for pictures), `launched_at` (when the trial's function started, to report
+    start-up time) and `timings` (when each start-up stage before this loop ended, reported
+    with the loop's own in `startup_at`).
     """
     trial: TrialConfig = config["trial"]
     info: DatasetInfo = config["dataset_info"]
     timings = {**config.get("timings", {}), "loop": time.time()}
+    data: TrialData = config["data"]
     rank, world, device = worker.rank, worker.world, worker.device
     on_gpu = device.type == "cuda"
     torch.manual_seed(trial.seed + rank)
@@ -107,7 +111,8 @@ def train(config: dict[str, Any], worker: Worker) -> None:
         started = time.perf_counter()
         model.train()
         loss_sum, images = 0.0, 0
-        for image, mask in _batches(worker.shard("train"), trial, device, True):
+        epoch_batches = data.batches("train", rank=rank, world=world, epoch=epoch)
+        for image, mask in _batches(epoch_batches, device):
             if startup_s is None:
                 timings["first_batch"] = time.time()
             image, mask = augment(image, mask, generator=generator)
@@ -126,7 +131,8 @@ def train(config: dict[str, Any], worker: Worker) -> None:
         train_time = time.perf_counter() - started
         loss_sum, images = _sum_across_workers([loss_sum, images], device)
 
-        matrix = _evaluate(net, worker.shard("val"), trial, info, normalize, device)
+        val_batches = data.batches("val", rank=rank, world=world, epoch=epoch)
+        matrix = _evaluate(net, val_batches, info, normalize, device)
         scores = matrix.compute()
         metrics = {
             "epoch": epoch,
@@ -179,41 +185,19 @@ class _Normalizer:
 
 
 def _batches(
-    shard: Any, trial: TrialConfig, device: torch.device, training: bool
+    batches: Iterable[dict[str, np.ndarray]], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from a Ray Data shard."""
-    batches = shard.iter_batches(
-        batch_size=trial.batch_size,
-        batch_format="numpy",
-        drop_last=training,
-        local_shuffle_buffer_size=4 * trial.batch_size if training else None,
-        local_shuffle_seed=trial.seed if training else None,
-    )
-    for batch in _data_stream(batches):
+    """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from numpy batches."""
+    for batch in batches:
         image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
         mask = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(device)
         yield image.permute(0, 3, 1, 2).float().div_(255), mask.long()
 
 
-def _data_stream(batches: Any) -> Iterator[dict[str, np.ndarray]]:
-    """The shard's batches; a failure to read or decode them is the data's (Ray Data already
-    retried its tasks), so it becomes a one-line UserError that fails the trial, never retried."""
-    iterator = iter(batches)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as err:
-            raise UserError(f"reading the data failed: {last_line(err)}") from None
-        yield batch
-
-
 @torch.no_grad()
 def _evaluate(
     net: nn.Module,
-    shard: Any,
-    trial: TrialConfig,
+    batches: Iterable[dict[str, np.ndarray]],
     info: DatasetInfo,
     normalize: _Normalizer,
     device: torch.device,
@@ -221,7 +205,7 @@ def _evaluate(
     net.eval()
     matrix = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     on_gpu = device.type == "cuda"
-    for image, mask in _batches(shard, trial, device, False):
+    for image, mask in _batches(batches, device):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits = net(normalize(image))
         matrix.update(logits.argmax(1), mask)

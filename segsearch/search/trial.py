@@ -15,6 +15,7 @@ from ray.tune import Callback
 from segsearch.config import TrialConfig
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset
+from segsearch.data.trial_data import SearchData, TrialData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.search.capacity import in_trial_process
 from segsearch.search.progress import print_line
@@ -41,6 +42,7 @@ class TrialContext:
     storage: str
     epochs: int
     resources: ResourcesSpec
+    data: SearchData
     overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
     metric: str = "val_miou"
     mode: str = "max"
@@ -53,16 +55,12 @@ class TrialContext:
         """Whether val is kept out of training, so its scores rank epochs and trials."""
         return "val" not in self.train_splits
 
-    def training_data(self, datasets: dict[str, Any]) -> tuple[dict[str, Any], DatasetInfo]:
-        """The Ray Datasets and DatasetInfo one trial trains with: `train` is the union of
-        train_splits (the info counts its images, which sizes the lr schedule)."""
+    def training_info(self) -> DatasetInfo:
+        """The DatasetInfo one trial trains with: its `train` counts the images of every
+        training split (which sizes the lr schedule)."""
         info = self.dataset.info
-        if self.train_splits == ("train",):
-            return datasets, info
-        first, *others = (datasets[split] for split in self.train_splits)
         images = sum(info.splits[split] for split in self.train_splits)
-        splits = {**info.splits, "train": images}
-        return {**datasets, "train": first.union(*others)}, replace(info, splits=splits)
+        return replace(info, splits={**info.splits, "train": images})
 
     def checkpoint_config(self) -> Any:
         """Keep the latest checkpoint (resume) and the best by the metric (promotion)."""
@@ -173,11 +171,11 @@ def _train_here(
     if earlier is not None:
         raise UserError(earlier)
     try:
-        datasets, info = _datasets(trial, context)
+        data, info = _trial_data(trial, context)
         timings["data"] = time.time()
         device = trial_device(context.resources.gpus_per_worker)
-        worker = TrialProcessWorker(run=run, datasets=datasets, device=device)
-        train(_loop_config(trial, context, timings, info), worker)
+        worker = TrialProcessWorker(run=run, device=device)
+        train(_loop_config(trial, context, timings, data, info), worker)
     except UserError as err:
         run.mark_bad_data(str(err), job)
         raise
@@ -193,7 +191,7 @@ def _trainer(
 
     from segsearch.search.train import train_loop_per_worker
 
-    datasets, info = _datasets(trial, context)
+    data, info = _trial_data(trial, context)
     timings["data"] = time.time()
     wanted = context.resources
     resources = {"CPU": wanted.cpus_per_worker}
@@ -201,13 +199,13 @@ def _trainer(
         resources["GPU"] = wanted.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=_loop_config(trial, context, timings, info),
+        train_loop_config=_loop_config(trial, context, timings, data, info),
         scaling_config=ray.train.ScalingConfig(
             num_workers=wanted.workers,
             use_gpu=wanted.gpus_per_worker > 0,
             resources_per_worker=resources,
         ),
-        datasets=datasets,
+        datasets=data.trainer_datasets(wanted.workers),
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=ray.train.RunConfig(
             name=_run_name(trial_id),
@@ -219,22 +217,31 @@ def _trainer(
     )
 
 
-def _datasets(trial: TrialConfig, context: TrialContext) -> tuple[dict[str, Any], DatasetInfo]:
-    """The trial's data (a Ray Dataset per split, `train` the union of its training splits)
-    and the DatasetInfo that counts them."""
-    from segsearch.data.ray_data import load_splits
-
-    return context.training_data(load_splits(context.dataset, image_size=trial.image_size))
+def _trial_data(trial: TrialConfig, context: TrialContext) -> tuple[TrialData, DatasetInfo]:
+    """Where the trial's batches come from (`train` the union of its training splits) and the
+    DatasetInfo that counts them."""
+    data = context.data.for_trial(
+        image_size=trial.image_size,
+        batch_size=trial.batch_size,
+        seed=trial.seed,
+        train_splits=context.train_splits,
+    )
+    return data, context.training_info()
 
 
 def _loop_config(
-    trial: TrialConfig, context: TrialContext, timings: dict[str, float], info: DatasetInfo
+    trial: TrialConfig,
+    context: TrialContext,
+    timings: dict[str, float],
+    data: TrialData,
+    info: DatasetInfo,
 ) -> dict[str, Any]:
     """`train.train`'s config (see there)."""
     return {
         "trial": trial,
         "dataset": context.dataset.uri,
         "dataset_info": info,
+        "data": data,
         "overlay": overlay_at(context.overlay, trial.image_size),
         "launched_at": timings["entered"],
         "timings": dict(timings),

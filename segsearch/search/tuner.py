@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
+from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
 from segsearch.search.capacity import check_capacity, trial_cpus, trial_resources
@@ -52,7 +54,7 @@ from segsearch.search.trial import (
     tune_retries,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import SearchSpec, nest
+from segsearch.space import SearchSpec, nest, search_image_sizes
 from segsearch.tracking import SearchTracker
 
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
@@ -185,10 +187,13 @@ def run_search(
         metric=spec.metric,
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
+    # Built at the first Tuner (inside _fit, so a failure ends the search's run) and shared by
+    # the refit: the data is decoded once for both.
+    context = functools.cache(lambda: _trial_context(spec, opened, storage, echo))
     with registered(spec.name, study_url):
         grid, wall_s = _fit(
             lambda: _tuner(
-                spec, opened, storage, tracker, study_url, points, restore=can_restore, echo=echo
+                spec, context(), tracker, study_url, points, restore=can_restore, echo=echo
             ),
             tracker,
             trials=spec.trials,
@@ -208,7 +213,7 @@ def run_search(
     if spec.refit is not None:
         searched = (grid, result, compute)
         refit_grid, result, compute = _refit(
-            spec, opened, storage, tracker, searched, restore=restore_refit, echo=echo
+            spec, context(), tracker, searched, restore=restore_refit, echo=echo
         )
     refit = chosen_refit(result.refit)
     final = refit or (result.trials[0] if result.best_trial_id else None)
@@ -275,8 +280,7 @@ def _fit(
 
 def _refit(
     spec: SearchSpec,
-    dataset: OpenedDataset,
-    storage: str,
+    context: TrialContext,
     tracker: SearchTracker,
     searched: tuple[Any, SearchResult, Compute],
     *,
@@ -296,9 +300,9 @@ def _refit(
     grid, wall_s = _fit(
         lambda: refit_tuner(
             phase,
-            _trial_context(spec, dataset, storage),
+            context,
             name=spec.name,
-            storage=storage,
+            storage=context.storage,
             tracker=tracker,
             concurrency=_concurrency(spec, echo),
             restore=restore,
@@ -309,7 +313,7 @@ def _refit(
         interrupted=SearchInterrupted(spec.name, result.experiment_path),
     )
     rows = refit_rows(grid, phase, metric=spec.metric, mode=spec.mode)
-    images = training_images(dataset.info, spec.refit.on)
+    images = training_images(context.dataset.info, spec.refit.on)
     image_epochs, worker_s = spent(rows, images=images, resources=spec.resources)
     compute = replace(
         compute, refit_image_epochs=image_epochs, refit_wall_s=wall_s, refit_worker_s=worker_s
@@ -317,14 +321,20 @@ def _refit(
     return grid, replace(result, refit=rows), compute
 
 
-def _trial_context(spec: SearchSpec, dataset: OpenedDataset, storage: str) -> TrialContext:
-    """What every trial of the search shares (a refit changes its epochs and splits)."""
+def _trial_context(
+    spec: SearchSpec, dataset: OpenedDataset, storage: str, echo: Callable[[str], None]
+) -> TrialContext:
+    """What every trial of the search shares (a refit changes its epochs and splits), with the
+    data decoded once for all of them when it fits (trial_data.py)."""
+    data = SearchData.build(dataset, image_sizes=search_image_sizes(spec))
+    echo(data.describe())
     return TrialContext(
         search_name=spec.name,
         dataset=dataset,
         storage=storage,
         epochs=spec.epochs,
         resources=spec.resources,
+        data=data,
         overlay=overlay_batch(dataset),
         metric=spec.metric,
         mode=spec.mode,
@@ -355,8 +365,7 @@ def _new_study(
 
 def _tuner(
     spec: SearchSpec,
-    dataset: OpenedDataset,
-    storage: str,
+    context: TrialContext,
     tracker: SearchTracker,
     study_url: str,
     points: list[dict[str, Any]],
@@ -376,7 +385,7 @@ def _tuner(
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    context = _trial_context(spec, dataset, storage)
+    storage = context.storage
     trainable = ray.tune.with_parameters(run_trial, context=context)
     resources = trial_resources(spec.resources)
     if resources is not None:

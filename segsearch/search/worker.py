@@ -1,4 +1,4 @@
-"""Where `train.train` runs: what the training loop asks of its place (rank, device, data,
+"""Where `train.train` runs: what the training loop asks of its place (rank, device,
 checkpoint, report), from a Ray Train worker of a multi-worker trial or from a one-worker
 trial's own Tune process.
 
@@ -43,8 +43,6 @@ class Worker(Protocol):
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
 
-    def shard(self, split: str) -> Any: ...
-
     def checkpoint(self) -> ray.train.Checkpoint | None: ...
 
     def report(self, metrics: dict[str, Any], checkpoint: ray.train.Checkpoint | None) -> None: ...
@@ -63,9 +61,6 @@ class RayTrainWorker:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
-
-    def shard(self, split: str) -> Any:
-        return ray.train.get_dataset_shard(split)
 
     def checkpoint(self) -> ray.train.Checkpoint | None:
         return ray.train.get_checkpoint()
@@ -186,7 +181,6 @@ class TrialProcessWorker:
     worker's resources; reports go to Tune, checkpoints to the trial's RunFolder."""
 
     run: RunFolder
-    datasets: dict[str, Any]
     device: torch.device
     rank: int = 0
     world: int = 1
@@ -197,9 +191,6 @@ class TrialProcessWorker:
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
-
-    def shard(self, split: str) -> Any:
-        return self.datasets[split]
 
     def checkpoint(self) -> ray.train.Checkpoint | None:
         return self._restored
