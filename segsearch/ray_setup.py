@@ -83,6 +83,8 @@ def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None
     import ray
 
     keep_credentials_out_of_tune()
+    if address:  # even when already connected: a dead address asked for is never ignored
+        check_reachable(address)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -99,7 +101,7 @@ def init_ray(address: str | None = None, *, temp_dir: str | None = None) -> None
     if address and settings and JOB_CONFIG_ENV not in os.environ:
         options["runtime_env"] = {"env_vars": settings}
     if address:
-        check_reachable(address)
+        check_reachable(address)  # $RAY_ADDRESS
         ray.init(address=address, **options)
     else:
         ray.init(

@@ -187,13 +187,14 @@ def test_dry_run_checks_and_plans_without_ray_or_writing(
     done = run(*base, "--json")
     assert done.exit_code == 0, done.output
     plan = json.loads(done.stdout)
-    assert plan["trials"] == 4 and plan["cpus_per_trial"] == 2 and plan["gpus_per_trial"] == 0
-    assert plan["cluster_cpus"] == 8 and plan["trials_at_once"] == 3  # (8 - 1 for data) // 2
+    assert plan["trials"] == 4 and plan["cpus_per_trial"] == 1 and plan["gpus_per_trial"] == 0
+    # a one-worker trial holds its worker's CPU only: (8 - 1 for data) // 1, at most its 4 trials
+    assert plan["cluster_cpus"] == 8 and plan["trials_at_once"] == 4
     assert len(plan["samples"]) == 3
     assert all(set(s) == {"model.arch", "model.width", "optim.lr"} for s in plan["samples"])
     assert plan["splits"] == {"train": 16, "val": 8}
     text = run("-v", *base)
-    assert "3 trial(s) at once" in text.stdout and "first 3 sampled configs:" in text.stdout
+    assert "4 trial(s) at once" in text.stdout and "first 3 sampled configs:" in text.stdout
     debug_line = "search cli-tiny: 4 trials × 1 epochs on"
     assert debug_line in text.stdout  # -v adds segsearch's debug records
     assert debug_line not in run(*base).stdout

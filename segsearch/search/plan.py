@@ -84,7 +84,7 @@ def plan_search(
     """Check the space, dataset, tracking server and cluster as a search would; say what it
     would run. Raises what the search would raise."""
     from segsearch.data.shards import open_dataset
-    from segsearch.search.capacity import TRIAL_DRIVER_CPUS
+    from segsearch.search.capacity import trial_cpus
     from segsearch.search.tuner import absolute_uri, check_trial_configs, trial_concurrency
 
     dataset = absolute_uri(dataset)
@@ -107,7 +107,7 @@ def plan_search(
         sampler=spec.sampler.kind,
         scheduler=spec.scheduler.kind,
         workers_per_trial=res.workers,
-        cpus_per_trial=TRIAL_DRIVER_CPUS + res.workers * res.cpus_per_worker,
+        cpus_per_trial=trial_cpus(res),
         gpus_per_trial=res.workers * res.gpus_per_worker,
         trials_at_once=min(at_once, spec.trials),
         cluster=cluster,
