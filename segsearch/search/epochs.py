@@ -47,7 +47,7 @@ def trial_rows(grid: Any, *, metric: str, mode: str, held_out: bool = True) -> l
     for result in grid:
         metrics = result.metrics or {}
         frame = result.metrics_dataframe
-        history = [] if frame is None else frame.to_dict("records")
+        history = _once_per_epoch([] if frame is None else frame.to_dict("records"))
         best = best_row(history or [metrics], metric=metric, mode=mode) if held_out else None
         checkpoint = (best or {}).get("checkpoint_path")
         rows.append(
@@ -73,3 +73,16 @@ def trial_rows(grid: Any, *, metric: str, mode: str, held_out: bool = True) -> l
 def _epoch(row: Mapping[str, Any]) -> int | None:
     value = row.get("epoch", row.get("training_iteration"))
     return int(value) if is_number(value) and not math.isnan(value) else None
+
+
+def _once_per_epoch(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A trial's reports, each epoch once: a resumed trial reports its restored epoch again
+    (train.py), which Tune's history then holds twice."""
+    seen: set[int | None] = set()
+    once = []
+    for row in history:
+        epoch = _epoch(row)
+        if epoch is None or epoch not in seen:
+            once.append(row)
+        seen.add(epoch)
+    return once

@@ -88,11 +88,13 @@ def train(config: dict[str, Any], worker: Worker) -> None:
     )
     restored = worker.checkpoint()
     start_epoch, last_metrics = _restore(restored, net, optimizer, scheduler)
-    if start_epoch >= trial.epochs:
-        # The run had finished when its trial was interrupted: report its result again, so the
-        # resumed trial ends with its metrics and checkpoint instead of an empty result.
+    if restored is not None:
+        # Report the restored epoch again: a trial stopped between its checkpoint and the upload
+        # of Tune's result file would otherwise miss that epoch in its history (ASHA, Optuna and
+        # MLflow keep an epoch once). A run that had finished ends here, with its result.
         worker.report(last_metrics, restored if rank == 0 else None)
-        return
+        if start_epoch >= trial.epochs:
+            return
     normalize = _Normalizer(info, device)
     generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
     timings["model"] = time.time()
