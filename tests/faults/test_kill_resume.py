@@ -151,7 +151,10 @@ def test_a_killed_driver_resumes_on_a_fresh_ray_with_s3_storage(s3_dataset, s3_b
     client = MlflowClient(tracking)
     lost = _lost_runs(client, runs, table)
     assert set(runs) == set(table) | set(lost), "MLflow child runs differ from the search's trials"
-    assert progress["in_flight"] <= set(table) | set(lost)
+    # An in-flight trial is resumed (in the table) or ended as lost; one killed before Tune saved
+    # it and before its run was opened left no run (checked just above) and no study trial but
+    # a FAIL one (_assert_optuna_knows).
+    assert progress["in_flight"] & (set(table) | set(lost)), progress
     if lost:
         assert f"tracking: trial run(s) {', '.join(sorted(lost))} ended as lost" in output
     runs = {trial_id: run_id for trial_id, run_id in runs.items() if trial_id in table}
@@ -162,18 +165,26 @@ def test_a_killed_driver_resumes_on_a_fresh_ray_with_s3_storage(s3_dataset, s3_b
     history = _tune_history(s3_bucket, f"runs/{name}")
     assert set(history) == set(table)
     for trial_id, trained in history.items():
-        assert [epoch for epoch, _ in trained] == list(range(1, epochs + 1)), f"{trial_id} history"
+        # No epoch trained twice, and every trial reached its last epoch. Tune's own result file
+        # of a trial killed before Tune uploaded it starts at the epoch it resumed from (reported
+        # again from its checkpoint); MLflow has every epoch once (checked above).
+        trained_epochs = [epoch for epoch, _ in trained]
+        assert len(trained_epochs) == len(set(trained_epochs)), f"{trial_id} trained twice"
+        assert trained_epochs and trained_epochs[-1] == epochs, f"{trial_id} history {trained}"
     scores = {tid: client.get_run(run_id).data.metrics["val_miou"] for tid, run_id in runs.items()}
     study = f"sqlite:///{tmp_path}/optuna.db"
     _assert_optuna_knows(study, name, s3_bucket, tmp_path / "searcher", scores)
 
 
 def _run_until_two_in_flight(run: subprocess.Popen) -> dict[str, set[str]]:
-    """Read the CLI's progress lines until a trial has finished and two others have started."""
+    """Read the CLI's progress lines until a trial has finished and two others have started;
+    the search's output when it ends first."""
     started: set[str] = set()
     finished: set[str] = set()
+    seen: list[str] = []
     assert run.stdout is not None
     for line in run.stdout:
+        seen.append(line)
         event = EVENT.match(line)
         if not event:
             continue
@@ -182,8 +193,8 @@ def _run_until_two_in_flight(run: subprocess.Popen) -> dict[str, set[str]]:
         elif event.group(2) == "finished":
             finished.add(event.group(1))
         if finished and len(started - finished) == 2:
-            break
-    return {"finished": finished, "in_flight": started - finished}
+            return {"finished": finished, "in_flight": started - finished}
+    raise AssertionError(f"the search ended before two trials were in flight:\n{''.join(seen)}")
 
 
 def _assert_optuna_knows(url: str, name: str, bucket: str, folder: Path, scores: dict) -> None:
