@@ -17,11 +17,10 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from segsearch.data.format import DatasetInfo
-from segsearch.search.capacity import trial_resources
 from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress
-from segsearch.search.trial import KeepTrialHistory, TrialContext, run_trial, tune_retries
+from segsearch.search.trial import KeepTrialHistory, TrialContext, trainable, tune_retries
 from segsearch.space import RefitSpec, ResourcesSpec
 from segsearch.tracking import RefitPhase, SearchTracker
 from segsearch.values import is_number
@@ -67,20 +66,17 @@ def refit_tuner(
     refit_context = replace(
         context, search_name=f"{name}{REFIT_SUFFIX}", epochs=phase.epochs, train_splits=splits
     )
-    trainable = ray.tune.with_parameters(run_trial, context=refit_context)
-    resources = trial_resources(context.resources)
-    if resources is not None:
-        trainable = ray.tune.with_resources(trainable, resources)
+    function = trainable(refit_context)
     path = refit_path(storage, name)
     if restore:
         echo(f"resuming the refit of {name!r} from {path}")
         return ray.tune.Tuner.restore(
-            path, trainable=trainable, resume_unfinished=True, resume_errored=True
+            path, trainable=function, resume_unfinished=True, resume_errored=True
         )
     configs = [dict(config) for _, config, _ in phase.sources]
     echo(f"refit: {len(configs)} best configuration(s) for {phase.epochs} epochs on {phase.on}")
     return ray.tune.Tuner(
-        trainable,
+        function,
         tune_config=ray.tune.TuneConfig(
             search_alg=FixedConfigs(configs),
             num_samples=len(configs),

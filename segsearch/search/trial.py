@@ -139,6 +139,18 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 raise
 
 
+def trainable(context: TrialContext) -> Any:
+    """Tune's trainable for the trials of `context`: run_trial with the context shipped once,
+    holding the worker's resources when the trial trains in its own process."""
+    import ray.tune
+
+    from segsearch.search.capacity import trial_resources
+
+    function = ray.tune.with_parameters(run_trial, context=context)
+    resources = trial_resources(context.resources)
+    return function if resources is None else ray.tune.with_resources(function, resources)
+
+
 def tune_retries(resources: ResourcesSpec) -> int:
     """Times Tune restarts a failed trial: a one-worker trial's process is its worker, so Tune
     retries it; a multi-worker trial retries its Train run itself (run_trial)."""

@@ -23,7 +23,7 @@ from segsearch.data.shards import OpenedDataset, open_dataset
 from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
-from segsearch.search.capacity import check_capacity, trial_cpus, trial_resources
+from segsearch.search.capacity import check_capacity, trial_cpus
 from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress, format_table, print_line
@@ -50,7 +50,7 @@ from segsearch.search.trial import (
     KeepTrialHistory,
     TrialContext,
     overlay_batch,
-    run_trial,
+    trainable,
     tune_retries,
 )
 from segsearch.search.warm_start import warm_start_points
@@ -386,15 +386,12 @@ def _tuner(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     storage = context.storage
-    trainable = ray.tune.with_parameters(run_trial, context=context)
-    resources = trial_resources(spec.resources)
-    if resources is not None:
-        trainable = ray.tune.with_resources(trainable, resources)
+    function = trainable(context)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     if restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
         return ray.tune.Tuner.restore(
-            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+            experiment_path, trainable=function, resume_unfinished=True, resume_errored=True
         )
     scheduler = (
         ASHAScheduler(
@@ -407,7 +404,7 @@ def _tuner(
         else FIFOScheduler()
     )
     return ray.tune.Tuner(
-        trainable,
+        function,
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
