@@ -208,36 +208,43 @@ def test_resume_after_the_driver_is_killed_runs_exactly_the_requested_trials(
         f"sqlite:///{tmp_path}/mlflow.db",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    finished = 0
-    deadline = time.monotonic() + 400
+    finished = started = 0
     assert driver.stdout is not None
     for line in driver.stdout:
         finished += line.rstrip().endswith("finished")
-        if finished == 1 or time.monotonic() > deadline:
-            break
-    while time.monotonic() < deadline and not any(
-        len(epochs) == 2 for epochs in _trained(storage / "resume").values()
-    ):
-        time.sleep(0.5)  # until Tune's result file holds the finished trial's epochs
+        started += " started: " in line
+        if started == 2:
+            break  # trial 1 has finished, trial 2 has just started, trial 3 has not
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    assert finished == 1
-    before = _trained(storage / "resume")
+    assert (finished, started) == (1, 2)
+    # Tune's own files reach the storage a second or so late; MLflow is written per epoch.
+    before = _epoch_histories(tracking_uri, "resume")
+    finished_before = [trial for trial, epochs in before.items() if len(epochs) == 2]
+    assert len(finished_before) == 1
 
     resumed = subprocess.run(
         [*command, "--resume"], capture_output=True, text=True, env=env, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = _trained(storage / "resume")
+    after = _epoch_histories(tracking_uri, "resume")
     assert len(after) == 3
-    for trial_dir, epochs in after.items():
+    for trial, epochs in after.items():
+        assert [epoch for epoch, _ in epochs] == [1, 2], f"trial {trial} logged an epoch twice"
+    assert after[finished_before[0]] == before[finished_before[0]], "a finished trial trained again"
+    for trial_dir, epochs in _trained(storage / "resume").items():
         assert [epoch for epoch, _ in epochs] == [1, 2], f"{trial_dir} trained an epoch twice"
-    finished_before = {d for d, epochs in before.items() if len(epochs) == 2}
-    assert len(finished_before) == 1
-    for trial_dir in finished_before:
-        assert after[trial_dir] == before[trial_dir], "a finished trial trained again"
-    assert len(_trial_runs(f"sqlite:///{tmp_path}/mlflow.db", "resume")) == 3
+
+
+def _epoch_histories(tracking_uri: str, search: str) -> dict[str, list[tuple[int, int]]]:
+    """Trial id → its logged (epoch, timestamp_ms) of val_miou, as MLflow holds them."""
+    client = MlflowClient(tracking_uri)
+    return {
+        trial: [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "val_miou")]
+        for trial, run_id in _trial_runs(tracking_uri, search).items()
+    }
 
 
 def _trial_runs(tracking_uri: str, search: str) -> dict[str, str]:
