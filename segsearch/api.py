@@ -81,6 +81,7 @@ def search(
     address: str | None = None,
     tracking_uri: str | None = None,
     resume: bool = False,
+    dashboard: bool = False,
     quiet: bool = False,
 ) -> SearchResult:
     """Run (or `resume`) a search: `space` is a YAML file, a mapping like its content, or a
@@ -100,6 +101,7 @@ def search(
             tracking_uri=tracking_uri,
             space_path=path,
             echo=echo,
+            dashboard=dashboard,
         )
 
 

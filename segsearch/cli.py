@@ -202,6 +202,14 @@ def ingest(
         )
 
 
+_dashboard_option = click.option(
+    "--dashboard",
+    is_flag=True,
+    help="Start the local Ray with its dashboard (on 127.0.0.1) and print its URL; with "
+    "--address, print the cluster's.",
+)
+
+
 @main.command()
 @click.argument("space_file", type=click.Path(dir_okay=False))
 @click.option("--dataset", required=True, help="Dataset URI: a local folder or s3://bucket/prefix.")
@@ -234,6 +242,7 @@ def ingest(
     help="Check space, dataset, tracking and cluster; print sampled configs and the resource "
     "plan; run and write nothing.",
 )
+@_dashboard_option
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def search(
     space_file: str,
@@ -249,6 +258,7 @@ def search(
     warm_start: str | None,
     refit: str | None,
     dry_run: bool,
+    dashboard: bool,
     as_json: bool,
 ) -> None:
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
@@ -283,6 +293,7 @@ def search(
             space_path=space_file,
             echo=echo,
             optuna_storage=optuna_storage,
+            dashboard=dashboard,
         )
     except SearchInterrupted as stop:
         options = {
@@ -306,8 +317,14 @@ def search(
 @click.option("--data", default="segsearch-data/demo", show_default=True, help="Demo dataset.")
 @click.option("--storage", help="Where Tune state and checkpoints go (default ./segsearch-runs).")
 @click.option("--tracking-uri", help=TRACKING_HELP)
+@_dashboard_option
 def demo(
-    trials: int | None, epochs: int | None, data: str, storage: str | None, tracking_uri: str | None
+    trials: int | None,
+    epochs: int | None,
+    data: str,
+    storage: str | None,
+    tracking_uri: str | None,
+    dashboard: bool,
 ) -> None:
     """Run a real search on a built-in dataset with local Ray; print the best and worst trial."""
     from segsearch.console import echo
@@ -332,6 +349,7 @@ def demo(
             tracking_uri=tracking_uri,
             space_path=space_path,
             echo=echo,
+            dashboard=dashboard,
         )
     except SearchInterrupted as stop:
         options = {

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -236,6 +236,33 @@ def test_resume_after_the_driver_is_killed_runs_exactly_the_requested_trials(
     assert after[finished_before[0]] == before[finished_before[0]], "a finished trial trained again"
     for trial_dir, epochs in _trained(storage / "resume").items():
         assert [epoch for epoch, _ in epochs] == [1, 2], f"{trial_dir} trained an epoch twice"
+
+
+@pytest.mark.slow
+def test_dashboard_flag_starts_a_local_ray_whose_dashboard_answers_at_the_printed_url(
+    tiny_dataset, tmp_path
+):
+    space_file = tmp_path / "dash.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space("dash", trials=1, epochs=1)))
+    command = [sys.executable, "-m", "segsearch", "search", str(space_file)]
+    command += ["--dataset", tiny_dataset, "--storage", str(tmp_path / "runs")]
+    command += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--dashboard"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    assert driver.stdout is not None
+    line = next((line for line in driver.stdout if line.startswith("Ray dashboard:")), "")
+    url = line.split()[2]
+    assert url.startswith("http://127.0.0.1:"), line
+    ray_cli = Path(sys.executable).parent / "ray"
+    token = subprocess.run([ray_cli, "get-auth-token"], capture_output=True, text=True).stdout
+    request = urllib.request.Request(f"{url}/api/version")
+    if token.strip():  # Ray 2.60 turns token auth on by default
+        assert token.strip() not in line, "the dashboard line printed Ray's token"
+        request.add_header("Authorization", f"Bearer {token.strip()}")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.load(answer)["ray_version"] == ray.__version__
+    driver.stdout.read()
+    assert driver.wait(timeout=300) == 0
 
 
 def _epoch_histories(tracking_uri: str, search: str) -> dict[str, list[tuple[int, int]]]:

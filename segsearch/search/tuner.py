@@ -64,6 +64,10 @@ DATA_CPU_RESERVE = 1.0
 #: (its run is then ended as lost on resume). A save writes a few small files; an upload starts
 #: only when the previous one is done.
 STATE_SAVE_PERIOD_S = 1
+#: What --dashboard prints when Ray runs no dashboard this process can name.
+_NO_DASHBOARD = "none (Ray was already running in this process, or the cluster runs none)"
+#: Ray 2.60 guards its dashboard with a token by default; the token itself is never printed.
+_DASHBOARD_TOKEN = "it asks for Ray's token when auth is on: `ray get-auth-token` prints it"
 
 
 class SearchInterrupted(Exception):
@@ -144,6 +148,7 @@ def run_search(
     tracking_uri: str | None = None,
     space_path: str | Path | None = None,
     optuna_storage: str | None = None,
+    dashboard: bool = False,
     echo: Callable[[str], None] = print_line,
 ) -> SearchResult:
     """Run (or resume) a search described by `spec` over the dataset at `dataset`.
@@ -152,8 +157,10 @@ def run_search(
     cluster cannot give) is checked before anything is written. Every trial is tracked in MLflow
     (`tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) under an experiment
     named after the search; its Optuna study, of the same name, is kept in `optuna_storage` (see
-    `resolve_study_storage`). Raises SearchInterrupted after Ctrl-C (runs marked KILLED); any
-    error after the parent run opened ends it as FAILED, and a UserError stays one line.
+    `resolve_study_storage`). `dashboard` starts a local Ray with its dashboard and prints
+    the URL (a joined cluster's, if it runs one). Raises SearchInterrupted after Ctrl-C (runs
+    marked KILLED); any error after the parent run opened ends it as FAILED, and a UserError
+    stays one line.
     """
     from segsearch.ray_setup import init_ray, quiet_ray
 
@@ -173,7 +180,13 @@ def run_search(
         optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
     )
     points = [] if can_restore else _new_study(spec, study_url, tracking_uri, echo)
-    init_ray(address)
+    url = init_ray(address, dashboard=dashboard)
+    if dashboard:
+        echo(
+            f"Ray dashboard: {url} ({_DASHBOARD_TOKEN})"
+            if url
+            else f"Ray dashboard: {_NO_DASHBOARD}"
+        )
     check_capacity(spec.resources)
     tracker = SearchTracker.start(
         tracking_uri=tracking_uri,
