@@ -380,7 +380,8 @@ def _print_result(result, *, as_json: bool = False) -> None:
         click.echo(f"error: all {len(failed)} trials failed ({failed[0]['error']})", err=True)
         sys.exit(EXIT_FAILED)
     if result.best_trial_id is None:
-        raise UserError(f"search {result.name!r}: no trial reported {result.metric}")
+        spent = f" ({result.budget.describe()}; raise the budget)" if result.budget else ""
+        raise UserError(f"search {result.name!r}: no trial reported {result.metric}{spent}")
     if as_json:
         return
     if result.budget is not None:

@@ -167,3 +167,16 @@ def test_a_budget_stops_the_search_within_one_trial_and_says_so(ray_cluster, tmp
     runs = client.search_runs([experiment], "tags.`segsearch.role` = 'trial'")
     logged = {r.data.tags["segsearch.trial_id"]: r.data.metrics["cost_cpu_s"] for r in runs}
     assert logged == pytest.approx({t["trial_id"]: t["cost_cpu_s"] for t in trials})
+
+
+def test_a_budget_spent_before_any_trial_says_so():
+    from segsearch.cli import _print_result
+    from segsearch.search.budget import BudgetReport
+    from segsearch.search.tuner import SearchResult
+
+    report = BudgetReport(BudgetSpec(wall=40), 46.0, 0, 8, stopped=True)
+    result = SearchResult("s", "val_miou", "max", None, None, {}, None, [], "x", budget=report)
+    with pytest.raises(
+        UserError, match=r"budget spent: 0 of 8 trials ran; 46 of 40 wall-s .*raise"
+    ):
+        _print_result(result)
