@@ -8,6 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from ray.tune.search import Searcher
 
 from segsearch.cli import main
 from segsearch.data.demo import make_demo_dataset
@@ -180,3 +181,26 @@ def test_a_budget_spent_before_any_trial_says_so():
         UserError, match=r"budget spent: 0 of 8 trials ran; 46 of 40 wall-s .*raise"
     ):
         _print_result(result)
+
+
+def test_a_restored_tuner_shares_one_ledger_that_knows_what_was_spent():
+    """Tune pickles the searcher, stopper and callbacks together (tuner.pkl, at the start) and
+    restores the searcher's saved state into them: all three must then see that state."""
+    import ray.cloudpickle
+
+    from segsearch.search.budget import BudgetSearch, BudgetStopper, TrialCosts, ledger_of
+    from segsearch.search.refit import FixedConfigs
+
+    resources = ResourcesSpec()
+    ledger = Ledger("resumed", BudgetSpec(cpu_hours=20 / 3600), resources, epochs=2)
+    parts = (BudgetSearch(FixedConfigs([{}]), ledger), BudgetStopper(ledger))
+    pickled = ray.cloudpickle.dumps((*parts, TrialCosts(resources, ledger)))
+    _finished(ledger, "a", 12, 2)
+    saved = parts[0].get_state()  # what Tune saves as the search goes
+
+    search, stopper, costs = ray.cloudpickle.loads(pickled)
+    assert search.ledger is stopper.ledger is costs.ledger is ledger_of("resumed")
+    assert not stopper.stop_all()
+    search.set_state(saved)
+    assert stopper.ledger.spent_s() == 12 and search.suggest("b") == Searcher.FINISHED
+    assert stopper.ledger.stopped
