@@ -237,6 +237,12 @@ _dashboard_option = click.option(
     "(train, the default, or train+val); overrides the space's refit.",
 )
 @click.option(
+    "--budget",
+    metavar="KIND=AMOUNT",
+    help="Stop launching trials once the next would exceed this compute: gpu_hours=40, "
+    "cpu_hours=0.5 or wall=6h (s, m, h); overrides the space's budget.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Check space, dataset, tracking and cluster; print sampled configs and the resource "
@@ -257,6 +263,7 @@ def search(
     optuna_storage: str | None,
     warm_start: str | None,
     refit: str | None,
+    budget: str | None,
     dry_run: bool,
     dashboard: bool,
     as_json: bool,
@@ -264,7 +271,7 @@ def search(
     """Search the YAML space SPACE_FILE over a dataset; print the best trials."""
     from segsearch.console import echo
     from segsearch.mlflow_uri import without_password
-    from segsearch.space import load_space, parse_refit
+    from segsearch.space import check_budget, load_space, parse_budget, parse_refit
 
     spec = load_space(space_file).with_overrides(
         name=name,
@@ -272,7 +279,9 @@ def search(
         epochs=epochs,
         warm_start=warm_start,
         refit=parse_refit(refit) if refit else None,
+        budget=parse_budget(budget) if budget else None,
     )
+    check_budget(spec)
     logger.debug(f"search {spec.name}: {spec.trials} trials × {spec.epochs} epochs on {dataset}")
     if dry_run:
         from segsearch.search.plan import plan_search
@@ -306,6 +315,7 @@ def search(
             "--tracking-uri": tracking_uri,
             "--optuna-storage": optuna_storage and without_password(optuna_storage),
             "--refit": refit,
+            "--budget": budget,
         }
         _interrupted(space_file, options)
     _print_result(result, as_json=as_json)
@@ -388,9 +398,12 @@ def _print_result(result, *, as_json: bool = False) -> None:
         click.echo(f"error: all {len(failed)} trials failed ({failed[0]['error']})", err=True)
         sys.exit(EXIT_FAILED)
     if result.best_trial_id is None:
-        raise UserError(f"search {result.name!r}: no trial reported {result.metric}")
+        spent = f" ({result.budget.describe()}; raise the budget)" if result.budget else ""
+        raise UserError(f"search {result.name!r}: no trial reported {result.metric}{spent}")
     if as_json:
         return
+    if result.budget is not None:
+        click.echo(result.budget.describe())
     click.echo(
         f"best trial {result.best_trial_id}: {result.metric}={result.best_metric:.4f} "
         f"(worst {result.worst_metric:.4f})"

@@ -84,6 +84,7 @@ def submit(
 
     space_path = Path(space_path)
     spec = load_space(space_path)
+    check_budget_option(spec, extra_args)
     name = name or spec.name
     _check_tracking_uri(tracking_uri)
     storage = check_locations(
@@ -210,6 +211,18 @@ def exposure_warning(env: Mapping[str, str], address: str) -> str | None:
         "runtime_env_agent.log in the Ray session folder of every node that runs it; prefer the "
         "cluster's own credentials (cluster/README.md)"
     )
+
+
+def check_budget_option(spec: Any, search_args: Sequence[str]) -> None:
+    """A `--budget` among the search's options fails here, as it would on the cluster."""
+    from segsearch.space import check_budget, parse_budget
+
+    for index, arg in enumerate(search_args):
+        option, sep, value = arg.partition("=")
+        if option != "--budget":
+            continue
+        text = value if sep else (search_args[index + 1] if index + 1 < len(search_args) else "")
+        check_budget(spec.with_overrides(budget=parse_budget(text)))
 
 
 def check_locations(

@@ -3,7 +3,8 @@
 Written by the trial's rank-0 worker into every checkpoint (checkpoint.MANIFEST_FILE), and so
 logged with the epoch's pictures to the trial's MLflow run. It holds the full trial config and
 its seed (train.py derives the torch, augmentation and shuffle seeds from it), the dataset's
-identity (fingerprint, dataset.json's sha256, each shard's split, place and size), the versions
+identity (fingerprint, dataset.json's sha256, each shard's split, place and size, and on S3 its
+ETag, which changes whenever the object is written again), the versions
 of the packages that shape the numbers, the segsearch git commit when run from a checkout, and
 the devices the trial ran on.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from segsearch.config import TrialConfig
+from segsearch.errors import UserError
 
 FORMAT = "segsearch-manifest/1"
 PACKAGES = ("segsearch", "torch", "ray", "optuna", "mlflow", "numpy", "pyarrow", "pillow")
@@ -42,10 +44,11 @@ def trial_manifest(
 
 
 def dataset_identity(uri: str, splits: Any) -> dict[str, Any]:
-    """The fingerprint the promote gate compares, dataset.json's sha256 and every shard's size."""
+    """The fingerprint the promote gate compares, dataset.json's sha256 and every shard's size
+    (and ETag on S3)."""
     from segsearch.data.fingerprint import dataset_fingerprint
     from segsearch.data.format import INFO_FILE, shard_paths
-    from segsearch.data.storage import filesystem_for, join, storage_errors
+    from segsearch.data.storage import filesystem_for, is_s3, join, storage_errors
 
     filesystem, root = filesystem_for(uri)
     shards = []
@@ -56,12 +59,30 @@ def dataset_identity(uri: str, splits: Any) -> dict[str, Any]:
             paths = shard_paths(filesystem, root, split)
             for index, info in enumerate(filesystem.get_file_info(paths)):
                 shards.append({"split": split, "index": index, "size": info.size})
+                if is_s3(uri):
+                    shards[-1]["etag"] = s3_etag(info.path)
     return {
         "uri": uri,
         "fingerprint": dataset_fingerprint(uri, splits),
         "dataset_json_sha256": info_sha256,
         "shards": shards,
     }
+
+
+def s3_etag(path: str) -> str:
+    """The ETag of the S3 object at `path` (bucket/key, as pyarrow names it), by boto3's
+    head_object; a UserError naming the object and endpoint when S3 will not say."""
+    import boto3
+    import botocore.exceptions
+
+    from segsearch.data.storage import endpoint
+
+    bucket, _, key = path.partition("/")
+    try:
+        head = boto3.client("s3").head_object(Bucket=bucket, Key=key)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+        raise UserError(f"s3://{path}: no ETag from S3 endpoint {endpoint()} ({err})") from None
+    return str(head["ETag"]).strip('"')
 
 
 def package_versions() -> dict[str, str | None]:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from segsearch.errors import UserError
 from segsearch.values import is_number
@@ -73,6 +74,74 @@ class RefitSpec(_Strict):
     on: Literal["train", "train+val"] = "train"
 
 
+#: Seconds per unit of a `wall` budget's duration: `45s`, `90m`, `6h`.
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+BUDGET_KINDS = ("gpu_hours", "cpu_hours", "wall")
+
+
+def parse_duration(value: Any) -> float:
+    """`45s`, `90m`, `6h` (or a number of seconds) as seconds; ValueError naming the forms."""
+    text = str(value).strip()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration; give e.g. 45s, 90m or 6h")
+    return seconds
+
+
+class BudgetSpec(_Strict):
+    """What the search may spend: GPU-hours or CPU-hours held by its trials, or wall time."""
+
+    gpu_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    cpu_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    wall: float | None = None  # seconds
+
+    @field_validator("wall", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as err:
+            raise PydanticCustomError("duration", str(err)) from None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetSpec:
+        given = [kind for kind in BUDGET_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "budget", f"give exactly one of {', '.join(BUDGET_KINDS)} (got {given or 'none'})"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in BUDGET_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def limit_s(self) -> float:
+        """The budget in seconds: GPU-, CPU- or wall-seconds."""
+        value = getattr(self, self.kind)
+        return value if self.kind == "wall" else value * 3600
+
+    def describe(self) -> str:
+        value = getattr(self, self.kind)
+        shown = _duration_text(value) if self.kind == "wall" else f"{value:g}"
+        return f"{self.kind}={shown}"
+
+
+def _duration_text(seconds: float) -> str:
+    for unit in ("h", "m"):
+        count = seconds / DURATION_UNITS[unit]
+        if count >= 1 and count.is_integer():
+            return f"{count:g}{unit}"
+    return f"{seconds:g}s"
+
+
 class SearchSpec(_Strict):
     """A whole search-space file; `space` holds the parameters as `Param`s in file order."""
 
@@ -87,6 +156,7 @@ class SearchSpec(_Strict):
     warm_start: WarmStartSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
     refit: RefitSpec | None = None
+    budget: BudgetSpec | None = None
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Any] = Field(default_factory=dict)
 
@@ -158,6 +228,30 @@ def parse_refit(text: str) -> RefitSpec:
     except ValidationError as err:
         first = err.errors()[0]
         raise UserError(f"--refit {text!r}: {first['loc'][0]}: {first['msg']}") from None
+
+
+def parse_budget(text: str) -> BudgetSpec:
+    """`--budget KIND=AMOUNT` (`gpu_hours=40`, `cpu_hours=0.5`, `wall=90m`) as a BudgetSpec."""
+    kind, sep, amount = text.partition("=")
+    kind = kind.strip()
+    if not sep or kind not in BUDGET_KINDS or not amount.strip():
+        raise UserError(
+            f"--budget {text!r}: give KIND=AMOUNT with KIND one of {', '.join(BUDGET_KINDS)}, "
+            "e.g. gpu_hours=40 or wall=6h"
+        )
+    try:
+        return BudgetSpec.model_validate({kind: amount.strip()})
+    except ValidationError as err:
+        raise UserError(f"--budget {text!r}: {err.errors()[0]['msg']}") from None
+
+
+def check_budget(spec: SearchSpec) -> None:
+    """UserError when the budget counts a device the trials do not hold (GPU-hours, no GPU)."""
+    if spec.budget is not None and spec.budget.gpu_hours and not spec.resources.gpus_per_worker:
+        raise UserError(
+            "budget.gpu_hours: the trials hold no GPU (resources.gpus_per_worker is 0); "
+            "budget cpu_hours or wall instead"
+        )
 
 
 def parse_param(key: str, spec: Any) -> Param:
@@ -311,6 +405,7 @@ def parse_space(raw: Mapping[str, Any], *, source: str = "<space>") -> SearchSpe
         raise UserError(f"{source}: {field}: {first['msg']}") from None
     try:
         _check_params(spec)
+        check_budget(spec)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     return spec

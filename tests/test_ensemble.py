@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow import MlflowClient
 
 from segsearch.checkpoint import load_model
 from segsearch.data.images import read_image_file
 from segsearch.data.ingest import write_dataset
-from segsearch.serve.ensemble import load_models
+from segsearch.serve.ensemble import load_models, top_models
+from segsearch.serve.mlflow_model import log_model
 from tests.test_checkpoint import (
     CLASSES,
     one_torch_thread,  # noqa: F401 (an autouse fixture)
@@ -21,7 +23,7 @@ from tests.test_checkpoint import (
     train_tiny_checkpoint,
 )
 from tests.test_predict import expected_mask, image_folder, read_png, run_cli
-from tests.test_promote import Trial, make_search
+from tests.test_promote import Trial, fluent_tracking_uri, make_search
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +127,62 @@ def test_top_k_of_a_search_is_the_ensemble_of_its_best_logged_models(tmp_path, m
     too_many = run_cli("predict", "--top-k", "3", *common, str(tmp_path / "none"))
     assert too_many.exit_code == 2
     assert "has 2 finished trial(s) with a logged model" in too_many.stderr
+
+
+def test_top_k_takes_a_trials_refit_model_in_its_place(tmp_path, members):
+    """A refit run (trained on train+val: no val score of its own) logs the model the search
+    ends with; it stands for the trial it trains again, ranked by that trial's score."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trials = [Trial("t1", (0.3, 0.6), members[0]), Trial("t2", (0.5, 0.8))]
+    runs = make_search(uri, "refitted", trials)
+    add_refit(uri, "refitted", of="t2", checkpoint=members[1])
+    files = image_folder(tmp_path / "in")
+    common = ("--search", "refitted", "--tracking-uri", uri, str(tmp_path / "in"))
+    result = run_cli("predict", "--top-k", "2", *common, str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    for name, path in files.items():
+        mask = read_png(tmp_path / "out" / "masks" / f"{name}.png")
+        np.testing.assert_array_equal(mask, hand_ensemble(members, read_image_file(path))[1])
+    assert top_models("refitted", 1, tracking_uri=uri) == [
+        f"models:/{logged_model_of(uri, run)}" for run in refit_runs(uri, "refitted")
+    ]
+    assert runs["t2"] not in _logged_models_of(uri, "refitted")
+
+
+def add_refit(uri: str, search: str, *, of: str, checkpoint: Path) -> str:
+    """A finished refit run of trial `of` under the search's parent, with a logged model."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(search).experiment_id
+    parent = client.search_runs([experiment], "tags.`segsearch.role` = 'search'")[0].info.run_id
+    tags = {"mlflow.parentRunId": parent, "segsearch.role": "refit", "segsearch.refit_of": of}
+    run_id = client.create_run(experiment, run_name=f"refit-{of}", tags=tags).info.run_id
+    client.log_metric(run_id, "train_loss", 0.1, step=1)
+    with fluent_tracking_uri(uri):
+        log_model(str(checkpoint), run_id=run_id)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def refit_runs(uri: str, search: str) -> list[str]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(search).experiment_id
+    return [
+        r.info.run_id for r in client.search_runs([experiment], "tags.`segsearch.role` = 'refit'")
+    ]
+
+
+def logged_model_of(uri: str, run_id: str) -> str:
+    return _logged_models_of(uri, MlflowClient(uri).get_run(run_id).info.experiment_id)[run_id]
+
+
+def _logged_models_of(uri: str, experiment: str) -> dict[str, str]:
+    client = MlflowClient(uri)
+    if not experiment.isdigit():
+        experiment = client.get_experiment_by_name(experiment).experiment_id
+    return {
+        m.source_run_id: m.model_id
+        for m in client.search_logged_models(experiment_ids=[experiment])
+    }
 
 
 def test_bad_ensemble_input_is_one_line_and_exit_2(tmp_path, members):

@@ -218,6 +218,8 @@ LASTING = ("--storage", "s3://bkt/runs", "--tracking-uri", "http://mlflow:5000")
             "--tracking-uri sqlite:///mlflow.db is not a tracking server",
         ),
         ((*LASTING, "--", "--storage=/tmp/x"), "--storage after --: give it to submit itself"),
+        ((*LASTING, "--", "--budget", "wall=soon"), "--budget 'wall=soon': 'soon' is not a"),
+        ((*LASTING, "--", "--budget=gpu_hours=2"), "budget.gpu_hours: the trials hold no GPU"),
         (
             ("--storage", "s3://b/r", "--shared-storage", "/mnt/r", "--tracking-uri", "http://m"),
             "give --storage or --shared-storage, not both",

@@ -17,7 +17,7 @@ from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import read_dataset_info
 from segsearch.data.ingest import write_dataset
-from segsearch.manifest import FORMAT, trial_manifest
+from segsearch.manifest import FORMAT, dataset_identity, trial_manifest
 from segsearch.models import build_model
 from tests.test_checkpoint import CLASSES, toy_batch
 
@@ -76,3 +76,26 @@ def test_checkpoint_holds_the_manifest_and_tracking_logs_it(tmp_path):
     save_checkpoint(tmp_path, net, {"model": {}}, metrics={}, train_state={}, manifest=manifest)
     assert json.loads((tmp_path / MANIFEST_FILE).read_text()) == manifest
     assert MANIFEST_FILE in PICTURE_FILES  # the files tracking logs to the trial's run
+
+
+def test_manifest_records_each_s3_shards_etag(s3_bucket: str):
+    """On S3 each shard's ETag (the object's version as S3 sees it) is recorded beside its size;
+    checked against S3's own listing."""
+    import boto3
+
+    images, masks = toy_batch(5, 24, seed=3)
+    samples = [("train" if i < 3 else "val", f"s{i}", images[i], masks[i]) for i in range(5)]
+    uri = f"s3://{s3_bucket}/squares"
+    write_dataset(uri, samples, classes=CLASSES)
+    info = read_dataset_info(uri)
+    shards = dataset_identity(uri, info.splits)["shards"]
+
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="squares/")["Contents"]
+    parquet = {o["ETag"].strip('"'): o["Size"] for o in listing if o["Key"].endswith(".parquet")}
+    assert len(shards) == len(parquet) >= 2
+    assert {s["etag"]: s["size"] for s in shards} == parquet
+
+
+def test_a_local_dataset_has_no_etags(dataset):
+    shards = dataset_identity(dataset, read_dataset_info(dataset).splits)["shards"]
+    assert shards and not any("etag" in shard for shard in shards)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+COST_HEADERS = {"cost_gpu_s": "GPU-s", "cost_cpu_s": "CPU-s"}
 SHOWN_PARAMS = ("model.arch", "model.depth", "model.width", "model.upsample", "loss.kind")
 
 
@@ -79,8 +80,12 @@ def describe(config: dict[str, Any]) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]], *, metric: str) -> str:
     """A plain-text table of trials: id, the score of its best epoch and which epoch that was,
-    the last epoch's score, epochs run, and the key parameters."""
-    header = ["trial", metric, "best epoch", "last", "epochs", "params"]
+    the last epoch's score, epochs run, what it cost (GPU-seconds when trials held GPUs, else
+    CPU-seconds, where rows have costs), and the key parameters."""
+    cost = _cost_key(rows)
+    header = ["trial", metric, "best epoch", "last", "epochs"]
+    header += [COST_HEADERS[cost]] if cost else []
+    header.append("params")
     lines = [header] + [
         [
             row["trial_id"],
@@ -88,6 +93,7 @@ def format_table(rows: Sequence[dict[str, Any]], *, metric: str) -> str:
             "-" if row.get("best_epoch") is None else str(row["best_epoch"]),
             _score(row.get("last")),
             str(row["epochs"]),
+            *([f"{row[cost]:.0f}"] if cost else []),
             describe(row["config"]),
         ]
         for row in rows
@@ -100,6 +106,12 @@ def format_table(rows: Sequence[dict[str, Any]], *, metric: str) -> str:
         + line[columns]
         for line in lines
     )
+
+
+def _cost_key(rows: Sequence[dict[str, Any]]) -> str | None:
+    if not rows or any("cost_cpu_s" not in row for row in rows):
+        return None
+    return "cost_gpu_s" if any(row.get("cost_gpu_s") for row in rows) else "cost_cpu_s"
 
 
 def _score(value: float | None) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from segsearch.data.format import DatasetInfo
+from segsearch.search.budget import TrialCosts
 from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress
@@ -88,6 +89,7 @@ def refit_tuner(
             storage_path=storage,
             failure_config=ray.tune.FailureConfig(max_failures=tune_retries(context.resources)),
             callbacks=[
+                TrialCosts(context.resources),
                 TrialProgress(metric=context.metric, epochs=phase.epochs, echo=echo),
                 tracker.tune_callback(),
                 ReleasePlacementGroups(),

@@ -23,6 +23,18 @@ from segsearch.data.shards import OpenedDataset, open_dataset
 from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
+from segsearch.search.budget import (
+    BudgetReport,
+    BudgetSearch,
+    BudgetStopper,
+    Ledger,
+    TrialCosts,
+    budget_report,
+    forget_ledger,
+    ledger_of,
+    total_cost,
+    with_costs,
+)
 from segsearch.search.capacity import check_capacity, trial_cpus
 from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
@@ -54,9 +66,11 @@ from segsearch.search.trial import (
     tune_retries,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import SearchSpec, nest, search_image_sizes
+from segsearch.space import SearchSpec, check_budget, nest, search_image_sizes
 from segsearch.tracking import SearchTracker
 
+#: The parent run's tag that says how the search went against its budget.
+BUDGET_TAG = "segsearch.budget"
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
 DATA_CPU_RESERVE = 1.0
 #: Seconds between Tune's saves of the search state (trials, searcher) to storage, instead of
@@ -95,6 +109,7 @@ class SearchResult:
     experiment_path: str
     refit: list[dict[str, Any]] = field(default_factory=list)
     compute: Compute | None = None
+    budget: BudgetReport | None = None
     test: Any = None  # segsearch.serve.evaluate.Evaluation of the final model, if scored
 
     @property
@@ -123,6 +138,7 @@ class SearchResult:
         data["best_checkpoint"] = self.best_checkpoint
         data["experiment_path"] = self.experiment_path
         data["trials"] = [{k: v for k, v in t.items() if k != "history"} for t in self.trials]
+        data["budget"] = self.budget.to_dict() if self.budget else None
         return data
 
     def to_dataframe(self, *, history: bool = False) -> Any:
@@ -169,6 +185,7 @@ def run_search(
     opened = open_dataset(dataset)
     info = opened.info
     check_trial_configs(spec, info)
+    check_budget(spec)
     storage = resolve_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     can_restore = _can_restore(experiment_path, resume=resume, name=spec.name)
@@ -203,6 +220,9 @@ def run_search(
     # Built at the first Tuner (inside _fit, so a failure ends the search's run) and shared by
     # the refit: the data is decoded once for both.
     context = functools.cache(lambda: _trial_context(spec, opened, storage, echo))
+    forget_ledger(spec.name)
+    if spec.budget is not None:
+        Ledger(spec.name, spec.budget, spec.resources, epochs=spec.epochs)
     with registered(spec.name, study_url):
         grid, wall_s = _fit(
             lambda: _tuner(
@@ -211,8 +231,13 @@ def run_search(
             tracker,
             trials=spec.trials,
             interrupted=SearchInterrupted(spec.name, experiment_path),
+            ledger=lambda: ledger_of(spec.name),
         )
     result = _summarize(grid, spec, storage, experiment_path)
+    ledger = ledger_of(spec.name)
+    if ledger is not None:
+        result = _within_budget(result, ledger, requested=spec.trials)
+        echo(result.budget.describe())
     image_epochs, worker_s = spent(
         result.trials, images=info.splits["train"], resources=spec.resources
     )
@@ -243,7 +268,8 @@ def run_search(
         mode=spec.mode,
         refit=refit_grid,
         refit_choice=refit["trial_id"] if refit is not None else None,
-        parent_metrics=compute.metrics(),
+        parent_metrics={**compute.metrics(), **_cost_metrics(result)},
+        parent_tags={BUDGET_TAG: result.budget.describe()} if result.budget else None,
         evaluation=evaluation,
         evaluated_trial=final["trial_id"] if evaluation is not None else None,
         study=_finished_study(spec.name, study_url, echo),
@@ -266,10 +292,12 @@ def _fit(
     *,
     trials: int,
     interrupted: SearchInterrupted,
+    ledger: Callable[[], Ledger | None] = lambda: None,
 ) -> tuple[Any, float]:
     """Run a Tuner to its end: (its ResultGrid, wall seconds). After Ctrl-C the tracker ends
     the search interrupted and `interrupted` is raised; any other error ends it FAILED, and a
-    UserError stays one line."""
+    UserError stays one line. A search its budget (the `ledger` its Tuner used) stopped ran
+    fewer trials than asked without being interrupted."""
     started = time.monotonic()
     try:
         tuner = make_tuner()
@@ -284,7 +312,8 @@ def _fit(
         if found is not None:  # of its own kind: ServiceUnavailable keeps its exit code
             raise type(found)(str(found)) from None
         raise
-    if stop_signal.seen or _interrupted(grid, trials):
+    spent = ledger()
+    if stop_signal.seen or _interrupted(grid, 0 if spent and spent.stopped else trials):
         tracker.interrupted()
         raise interrupted
     return grid, time.monotonic() - started
@@ -324,7 +353,8 @@ def _refit(
         trials=len(phase.sources),
         interrupted=SearchInterrupted(spec.name, result.experiment_path),
     )
-    rows = _with_uris(refit_rows(grid, phase, metric=spec.metric, mode=spec.mode), context.storage)
+    rows = refit_rows(grid, phase, metric=spec.metric, mode=spec.mode)
+    rows = with_costs(_with_uris(rows, context.storage), spec.resources)
     images = training_images(context.dataset.info, spec.refit.on)
     image_epochs, worker_s = spent(rows, images=images, resources=spec.resources)
     compute = replace(
@@ -399,9 +429,11 @@ def _tuner(
 
     storage = context.storage
     function = trainable(context)
+    ledger = ledger_of(spec.name)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     if restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
+        forget_ledger(spec.name)  # the search keeps the budget it started with
         return ray.tune.Tuner.restore(
             experiment_path, trainable=function, resume_unfinished=True, resume_errored=True
         )
@@ -420,7 +452,9 @@ def _tuner(
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=StudySearch(spec=spec, url=study_url, points_to_evaluate=points),
+            search_alg=_budgeted(
+                StudySearch(spec=spec, url=study_url, points_to_evaluate=points), ledger
+            ),
             scheduler=scheduler,
             num_samples=spec.trials,
             max_concurrent_trials=_concurrency(spec, echo),
@@ -430,7 +464,9 @@ def _tuner(
             name=spec.name,
             storage_path=storage,
             failure_config=ray.tune.FailureConfig(max_failures=tune_retries(spec.resources)),
+            stop=BudgetStopper(ledger) if ledger is not None else None,
             callbacks=[
+                TrialCosts(spec.resources, ledger),
                 TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
                 tracker.tune_callback(),
                 ReleasePlacementGroups(),
@@ -439,6 +475,26 @@ def _tuner(
             verbose=0,
         ),
     )
+
+
+def _budgeted(searcher: Any, ledger: Ledger | None) -> Any:
+    return searcher if ledger is None else BudgetSearch(searcher, ledger)
+
+
+def _within_budget(result: SearchResult, ledger: Ledger, *, requested: int) -> SearchResult:
+    """The result of a budgeted search: only the trials that ran (a trial the hard limit
+    stopped before it started has nothing to show), and the budget's report."""
+    ran = [row for row in result.trials if row["history"] or row["error"]]
+    report = budget_report(ledger, ran, requested=requested)
+    return replace(result, trials=ran, budget=report)
+
+
+def _cost_metrics(result: SearchResult) -> dict[str, float]:
+    """The parent run's `cost_*` (the search's trials) and `refit_cost_*`, and the budget's."""
+    metrics = total_cost(result.trials)
+    if result.refit:
+        metrics |= {f"refit_{key}": value for key, value in total_cost(result.refit).items()}
+    return metrics | (result.budget.metrics() if result.budget else {})
 
 
 class _StopSignalWatch(logging.Handler):
@@ -511,6 +567,7 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
         "warm_start": spec.warm_start.model_dump() if spec.warm_start else None,
         "resources": spec.resources.model_dump(),
         **({"refit": spec.refit.model_dump()} if spec.refit else {}),
+        **({"budget": spec.budget.describe()} if spec.budget else {}),
     }
 
 
@@ -628,7 +685,8 @@ def check_writable(path: Path) -> None:
 
 
 def _summarize(grid: Any, spec: SearchSpec, storage: str, experiment_path: str) -> SearchResult:
-    rows = _with_uris(trial_rows(grid, metric=spec.metric, mode=spec.mode), storage)
+    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode)
+    rows = with_costs(_with_uris(rows, storage), spec.resources)
     best = rows[0] if rows and rows[0][spec.metric] is not None else None
     return SearchResult(
         name=spec.name,

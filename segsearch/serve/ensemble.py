@@ -86,13 +86,15 @@ def top_models(
     mode: str = "max",
     tracking_uri: str | None = None,
 ) -> list[str]:
-    """models:/<id> of the `k` best finished trials of a search that have a logged model."""
+    """models:/<id> of the `k` best finished trials of a search that have a model, ranked by
+    their score in the search: a trial's refit model (the same configuration trained again,
+    on train or train+val) in its place, else its own logged model."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
     from segsearch.serve.promote import _all_runs, _logged_models
-    from segsearch.tracking.tags import ROLE
+    from segsearch.tracking.tags import REFIT_OF, ROLE, TRIAL_ID
 
     if k < 1:
         raise UserError(f"--top-k must be at least 1, got {k}")
@@ -103,26 +105,38 @@ def top_models(
         experiment = client.get_experiment_by_name(search_name)
         if experiment is None:
             raise UserError(f"no search {search_name!r} at {uri} (check --tracking-uri)")
+        finished = "attributes.status = 'FINISHED'"
         runs = _all_runs(
-            client,
-            experiment.experiment_id,
-            f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
+            client, experiment.experiment_id, f"tags.`{ROLE}` = 'trial' and {finished}"
+        )
+        refits = _all_runs(
+            client, experiment.experiment_id, f"tags.`{ROLE}` = 'refit' and {finished}"
         )
         models = _logged_models(client, experiment.experiment_id)
     except MlflowException as err:
         raise UserError(f"MLflow at {uri}: {first_line(err)}") from None
+    refit_models = {
+        run.data.tags.get(REFIT_OF): models[run.info.run_id]
+        for run in refits
+        if run.info.run_id in models
+    }
+    model_of = {
+        run.info.run_id: refit_models.get(run.data.tags.get(TRIAL_ID), models.get(run.info.run_id))
+        for run in runs
+    }
     ranked = sorted(
         (
             run
             for run in runs
-            if math.isfinite(run.data.metrics.get(metric, math.nan)) and run.info.run_id in models
+            if math.isfinite(run.data.metrics.get(metric, math.nan)) and model_of[run.info.run_id]
         ),
         key=lambda run: run.data.metrics[metric],
         reverse=mode == "max",
     )
     if len(ranked) < k:
         raise UserError(
-            f"search {search_name!r} has {len(ranked)} finished trial(s) with a logged model and "
-            f"metric {metric!r}, fewer than --top-k {k} (a search logs the model of its best trial)"
+            f"search {search_name!r} has {len(ranked)} finished trial(s) with a logged model (or "
+            f"refit model) and metric {metric!r}, fewer than --top-k {k} (a search logs the model "
+            "of its best trial and of each refit)"
         )
-    return [f"models:/{models[run.info.run_id]}" for run in ranked[:k]]
+    return [f"models:/{model_of[run.info.run_id]}" for run in ranked[:k]]

@@ -72,6 +72,9 @@ EPOCH_METRICS = (
     "num_params",
     "lr",
     "startup_s",
+    "time_held_s",
+    "cost_cpu_s",
+    "cost_gpu_s",
 )
 CLASS_IOU_PREFIX = "val_iou_"
 #: Checkpoint pictures also logged with `log_image(key=..., step=epoch)`: file → image key.
@@ -399,6 +402,7 @@ class SearchTracker:
         refit: Any = (),
         refit_choice: str | None = None,
         parent_metrics: Mapping[str, float] | None = None,
+        parent_tags: Mapping[str, str] | None = None,
         evaluation: Any = None,
         evaluated_trial: str | None = None,
         wait_s: float = FINISH_WAIT_S,
@@ -409,7 +413,7 @@ class SearchTracker:
         A trial's score and model are its best epoch's (`best_epoch` and `best_<metric>` on its
         run). With `refit` (the results after `begin_refit`), each refit run logs its model and
         the parent names the one promote takes (trial `refit_choice`). `parent_metrics` (the
-        compute spent) and `evaluation` (a segsearch.serve.evaluate.Evaluation of
+        compute spent), `parent_tags` and `evaluation` (a segsearch.serve.evaluate.Evaluation of
         `evaluated_trial`'s model) go on the parent run, the evaluation also on that trial's.
 
         Never raises for MLflow failures: the search itself is done. It waits at most `wait_s`
@@ -445,11 +449,10 @@ class SearchTracker:
         with self._reported("search run: pictures and trials table"):
             self._log_search_files(results, metric=metric, study=study)
         failed = bool(outcomes) and all(o.status == ERROR for o in outcomes)
+        tags = {STATUS: "failed" if failed else "finished", **(parent_tags or {})}
         self.writer.submit(
             "search run: end",
-            lambda c: _runs.end_run(
-                c, self.parent_run_id, {STATUS: "failed" if failed else "finished"}, failed=failed
-            ),
+            lambda c: _runs.end_run(c, self.parent_run_id, tags, failed=failed),
         )
         self.drain(max(0.0, deadline - time.monotonic()))
         self.writer.close()
