@@ -25,6 +25,7 @@ from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
 from segsearch.search.capacity import check_capacity, trial_cpus
 from segsearch.search.epochs import trial_rows
+from segsearch.search.pareto import ParetoFront
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress, format_table, print_line
 from segsearch.search.refit import (
@@ -92,6 +93,7 @@ class SearchResult:
     refit: list[dict[str, Any]] = field(default_factory=list)
     compute: Compute | None = None
     test: Any = None  # segsearch.serve.evaluate.Evaluation of the final model, if scored
+    pareto: ParetoFront | None = None  # a multi-objective search's front
 
     @property
     def final_checkpoint(self) -> str | None:
@@ -110,6 +112,8 @@ class SearchResult:
         table = format_table(self.trials, metric=self.metric)
         if self.refit:
             table += "\n\nrefit:\n" + format_table(self.refit, metric=self.metric)
+        if self.pareto is not None:
+            table += "\n\n" + self.pareto.describe()
         return table
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +123,8 @@ class SearchResult:
         data["best_checkpoint"] = self.best_checkpoint
         data["experiment_path"] = self.experiment_path
         data["trials"] = [{k: v for k, v in t.items() if k != "history"} for t in self.trials]
+        if self.pareto is not None:
+            data.update(self.pareto.to_dict())
         return data
 
     def to_dataframe(self, *, history: bool = False) -> Any:
@@ -235,6 +241,7 @@ def run_search(
         evaluation=evaluation,
         evaluated_trial=final["trial_id"] if evaluation is not None else None,
         study=_finished_study(spec.name, study_url, echo),
+        pareto=result.pareto,
     )
     echo(compute.describe())
     if refit is not None:
@@ -338,6 +345,7 @@ def _trial_context(
         overlay=overlay_batch(dataset),
         metric=spec.metric,
         mode=spec.mode,
+        measure_cost=spec.measures_cost,
     )
 
 
@@ -487,6 +495,7 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
     return {
         "metric": spec.metric,
         "mode": spec.mode,
+        **({"objectives": dict(spec.objectives)} if spec.objectives else {}),
         "trials": spec.trials,
         "sampler": {
             **spec.sampler.model_dump(),
@@ -616,7 +625,7 @@ def check_writable(path: Path) -> None:
 
 
 def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:
-    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode)
+    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode, objectives=spec.objective_names)
     best = rows[0] if rows and rows[0][spec.metric] is not None else None
     return SearchResult(
         name=spec.name,
@@ -628,4 +637,5 @@ def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResul
         best_checkpoint=best["checkpoint"] if best else None,
         trials=rows,
         experiment_path=experiment_path,
+        pareto=ParetoFront.of(rows, spec.objectives) if spec.objectives else None,
     )
