@@ -146,6 +146,8 @@ def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_two_objective_search_front_is_non_dominated_and_promote_picks_from_it(
     ray_cluster, tiny_local_dataset, tmp_path
 ):
@@ -164,7 +166,9 @@ def test_two_objective_search_front_is_non_dominated_and_promote_picks_from_it(
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags["segsearch.role"] == "search"]
     trials = {
-        r.data.tags["segsearch.trial_id"]: r for r in runs if r.data.tags["segsearch.role"] == "trial"
+        r.data.tags["segsearch.trial_id"]: r
+        for r in runs
+        if r.data.tags["segsearch.role"] == "trial"
     }
     assert len(trials) == 4
     values = {
@@ -207,7 +211,7 @@ def test_two_objective_search_front_is_non_dominated_and_promote_picks_from_it(
     assert len(complete) == 4 and all(len(t.values) == 2 for t in complete)
 
     by_latency = sorted(front, key=lambda tid: values[tid][1])
-    bound = values[by_latency[min(1, len(by_latency) - 1)][1]]
+    bound = values[by_latency[min(1, len(by_latency) - 1)]][1]
     meeting = [tid for tid in front if values[tid][1] <= bound]
     chosen = max(meeting, key=lambda tid: values[tid][0])
     done = run_cli(
@@ -230,3 +234,66 @@ def test_two_objective_search_front_is_non_dominated_and_promote_picks_from_it(
     )  # fmt: skip
     assert bad.exit_code == 2 and bad.output.count("\n") == 1
     assert "latency is not an objective" in bad.output
+
+
+def _epoch_result(epoch: int, miou: float, latency: float | None) -> dict:
+    found = {"val_miou": miou, "epoch": epoch, "training_iteration": epoch}
+    return found if latency is None else {**found, "latency_ms": latency}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_the_searcher_tells_a_multi_objective_study_the_last_values(tmp_path, sampler):
+    """No intermediate values (Optuna refuses them for several objectives); a trial without one
+    objective's value fails; ASHA's stopped trials are pruned; the pictures use the first."""
+    from segsearch.search.study import StudySearch
+    from segsearch.tracking._pictures import study_pictures
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    spec = parse_space(_space("multi", epochs=2, sampler={"kind": sampler, "seed": 0}))
+    searcher = StudySearch(spec=spec, url=url)
+    for trial_id in ("a", "b", "c", "d"):
+        assert searcher.suggest(trial_id)["optim.lr"] > 0
+    searcher.on_trial_result("a", _epoch_result(1, 0.2, 5.0))
+    searcher.on_trial_complete("a", result=_epoch_result(2, 0.4, 5.0))
+    searcher.on_trial_complete("b", result=_epoch_result(2, 0.5, None))
+    searcher.on_trial_complete("c", result=_epoch_result(1, 0.1, 3.0))  # ASHA stopped it
+    searcher.on_trial_complete("d", result=_epoch_result(2, 0.3, 2.0))
+
+    study = optuna.load_study(study_name="multi", storage=url)
+    a, b, c, d = study.get_trials()
+    assert study.directions == [
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+    ]
+    assert (a.state, a.values, a.intermediate_values) == (
+        optuna.trial.TrialState.COMPLETE,
+        [0.4, 5.0],
+        {},
+    )
+    assert b.state == optuna.trial.TrialState.FAIL
+    assert c.state == optuna.trial.TrialState.PRUNED
+    assert {t.number for t in study.best_trials} == {a.number, d.number}
+    drawn, missing = study_pictures(study, tmp_path, metric="val_miou")
+    assert {p.name for p in drawn} >= {"optimization_history.png", "parallel_coordinates.png"}
+
+
+def test_warm_start_reads_the_best_first_objective_of_a_multi_objective_study(tmp_path):
+    from segsearch.search.warm_start import warm_start_points
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    earlier = optuna.create_study(
+        study_name="earlier", storage=url, directions=["maximize", "minimize"]
+    )
+    dists = {
+        "model.arch": optuna.distributions.CategoricalDistribution(["fcn", "unet"]),
+        "model.width": optuna.distributions.CategoricalDistribution([4, 16]),
+        "optim.lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+    }
+    for arch, value, latency in (("fcn", 0.5, 1.0), ("unet", 0.7, 9.0)):
+        params = {"model.arch": arch, "model.width": 4, "optim.lr": 0.005}
+        earlier.add_trial(
+            optuna.trial.create_trial(params=params, distributions=dists, values=[value, latency])
+        )
+    spec = parse_space(_space("later", warm_start={"search": "earlier", "top_k": 1}))
+    points = warm_start_points(spec, url, tracking_uri="unused", echo=lambda line: None)
+    assert [p["model.arch"] for p in points] == ["unet"]
