@@ -5,6 +5,7 @@ Real Tune + Optuna + Train + MLflow (SQLite), tiny local data."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -179,13 +180,10 @@ def test_two_objective_search_front_is_non_dominated_and_promote_picks_from_it(
     expected = {
         tid for tid, v in values.items() if not any(_dominates(w, v) for w in values.values())
     }
-    logged = json.loads(
-        open(
-            download_artifacts(
-                run_id=parent.info.run_id, artifact_path="pareto_front.json", tracking_uri=uri
-            )
-        ).read()
+    front_file = download_artifacts(
+        run_id=parent.info.run_id, artifact_path="pareto_front.json", tracking_uri=uri
     )
+    logged = json.loads(Path(front_file).read_text())
     front = {member["trial_id"] for member in logged["front"]}
     assert front == expected == {row["trial_id"] for row in result.pareto.members}
     for tid in values.keys() - front:
@@ -273,7 +271,7 @@ def test_the_searcher_tells_a_multi_objective_study_the_last_values(tmp_path, sa
     assert b.state == optuna.trial.TrialState.FAIL
     assert c.state == optuna.trial.TrialState.PRUNED
     assert {t.number for t in study.best_trials} == {a.number, d.number}
-    drawn, missing = study_pictures(study, tmp_path, metric="val_miou")
+    drawn, _ = study_pictures(study, tmp_path, metric="val_miou")
     assert {p.name for p in drawn} >= {"optimization_history.png", "parallel_coordinates.png"}
 
 
