@@ -128,15 +128,17 @@ class SearchResult:
         return data
 
     def to_dataframe(self, *, history: bool = False) -> Any:
-        """The trials as a pandas DataFrame: a row per trial (id, score, epochs, error,
-        checkpoint, a column per parameter), or with `history` a row per trial and epoch."""
+        """The trials as a pandas DataFrame: a row per trial (id, score or each objective,
+        epochs, error, checkpoint, a column per parameter), or with `history` a row per trial
+        and epoch."""
         import pandas as pd
 
         if history:
             return pd.DataFrame(
                 [{"trial_id": t["trial_id"], **row} for t in self.trials for row in t["history"]]
             )
-        columns = ("trial_id", self.metric, "epochs", "error", "checkpoint")
+        scores = list(self.pareto.objectives) if self.pareto else [self.metric]
+        columns = ("trial_id", *scores, "epochs", "error", "checkpoint")
         return pd.DataFrame([{**{c: t[c] for c in columns}, **t["config"]} for t in self.trials])
 
 
