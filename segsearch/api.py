@@ -160,12 +160,14 @@ def promote(
     *,
     model_name: str,
     alias: str = "champion",
-    metric: str = "val_miou",
-    mode: str = "max",
+    metric: str | None = None,
+    mode: str | None = None,
     force: bool = False,
     tracking_uri: str | None = None,
+    pick: str | None = None,
 ) -> Promotion:
-    """Register the search's best finished trial and point `alias` at it (`segsearch promote`)."""
+    """Register the search's best finished trial and point `alias` at it (`segsearch promote`;
+    `pick` chooses from a multi-objective search's Pareto front, e.g. "latency_ms<=20")."""
     from segsearch.serve.promote import promote as run_promote
 
     with _kept_process_state(_MLFLOW):
@@ -177,6 +179,7 @@ def promote(
             mode=mode,
             force=force,
             tracking_uri=tracking_uri,
+            pick=pick,
         )
 
 

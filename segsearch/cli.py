@@ -1,6 +1,7 @@
 """The `segsearch` command line: thin click wrappers over the Python API.
 
-Exit codes: 0 done, 1 the work failed (every trial of a search, a followed job), 2 bad input,
+Exit codes: 0 done, 1 the work failed (every trial of a search, a followed job, an export check,
+no Pareto-front member meeting `promote --pick`), 2 bad input,
 3 a service did not answer (S3, MLflow, Ray), 130 interrupted (Ctrl-C).
 """
 
@@ -33,7 +34,8 @@ EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 _VERBOSITY = "segsearch.verbosity"
 EPILOG = (
-    "Exit codes: 0 done, 1 the work failed (all trials of a search, a followed job), 2 bad "
+    "Exit codes: 0 done, 1 the work failed (all trials of a search, a followed job, nothing "
+    "meeting promote --pick), 2 bad "
     "input, 3 a service did not answer (S3, MLflow, Ray), 130 interrupted."
 )
 
@@ -573,13 +575,22 @@ def stop(job_id: str, address: str) -> None:
 @click.argument("search_name")
 @click.option("--model-name", required=True, help="Registered model to add a version to.")
 @click.option("--alias", default="champion", show_default=True, help="Alias to point at it.")
-@click.option("--metric", default="val_miou", show_default=True, help="Metric that ranks trials.")
+@click.option(
+    "--metric",
+    help="Metric that ranks trials [default: val_miou; a multi-objective search's first "
+    "objective].",
+)
 @click.option(
     "--mode",
     type=click.Choice(["max", "min"]),
-    default="max",
-    show_default=True,
-    help="Whether a larger or a smaller metric is better.",
+    help="Whether a larger or a smaller metric is better [default: max; a multi-objective "
+    "search's first objective's].",
+)
+@click.option(
+    "--pick",
+    help="Multi-objective search: choose from its Pareto front the member best in the first "
+    'objective among those meeting every constraint, e.g. "latency_ms<=20,num_params<1e6" '
+    "(<=, <, >=, > on objectives); none meets them: exit 1.",
 )
 @click.option("--force", is_flag=True, help="Move the alias even to a model that scored worse.")
 @click.option("--tracking-uri", help=TRACKING_HELP)
@@ -595,8 +606,9 @@ def promote(
     search_name: str,
     model_name: str,
     alias: str,
-    metric: str,
-    mode: str,
+    metric: str | None,
+    mode: str | None,
+    pick: str | None,
     force: bool,
     tracking_uri: str | None,
     export_format: str | None,
@@ -604,6 +616,7 @@ def promote(
 ) -> None:
     """Register the best finished trial of SEARCH_NAME in the MLflow Model Registry."""
     from segsearch.serve.export import ExportFailed
+    from segsearch.serve.promote import NothingMeets
     from segsearch.serve.promote import promote as run_promote
 
     try:
@@ -616,8 +629,9 @@ def promote(
             force=force,
             tracking_uri=tracking_uri,
             export=export_format,
+            pick=pick,
         )
-    except ExportFailed as err:
+    except (ExportFailed, NothingMeets) as err:
         click.echo(f"error: {err}; nothing promoted", err=True)
         sys.exit(EXIT_FAILED)
     _emit(done.to_dict() if as_json else done.describe(), as_json)

@@ -20,6 +20,20 @@ SECTIONS = ("model", "loss", "optim", "aug")
 TOP_LEVEL_KEYS = ("batch_size", "image_size", "seed")
 #: Configurations of the earlier search a warm start tries first, unless `top_k` says.
 DEFAULT_WARM_TOP_K = 3
+#: What a trial reports that an objective may name (besides `val_iou_<class>`): its scores, and
+#: the costs measured after it trains (segsearch.search.cost; num_params always).
+OBJECTIVE_METRICS = (
+    "val_miou",
+    "val_dice",
+    "val_pixel_acc",
+    "train_loss",
+    "latency_ms",
+    "num_params",
+    "peak_memory_mb",
+)
+CLASS_IOU_PREFIX = "val_iou_"
+#: The objectives that need the model's forward pass timed after training.
+MEASURED_COSTS = ("latency_ms", "peak_memory_mb")
 
 
 class _Strict(BaseModel):
@@ -39,7 +53,7 @@ class SchedulerSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    kind: Literal["tpe", "random"] = "tpe"
+    kind: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int | None = 0
     startup_trials: int | None = Field(default=None, ge=1)
 
@@ -143,11 +157,17 @@ def _duration_text(seconds: float) -> str:
 
 
 class SearchSpec(_Strict):
-    """A whole search-space file; `space` holds the parameters as `Param`s in file order."""
+    """A whole search-space file; `space` holds the parameters as `Param`s in file order.
+
+    `objectives` (metric → max|min, two or more, in order) makes the search multi-objective: its
+    first objective is the search's `metric`/`mode` (ASHA, the best epoch, refit and the best
+    trial go by it), and a space that gives `metric` or `mode` as well must give the same.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     metric: str = "val_miou"
     mode: Literal["max", "min"] = "max"
+    objectives: dict[str, Literal["max", "min"]] | None = None
     trials: int = Field(default=8, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
     epochs: int = Field(default=10, ge=1)
@@ -164,6 +184,24 @@ class SearchSpec(_Strict):
     @classmethod
     def _warm_start_by_name(cls, value: Any) -> Any:
         return {"search": value} if isinstance(value, str) else value
+
+    @property
+    def multi_objective(self) -> bool:
+        return bool(self.objectives)
+
+    @property
+    def objective_names(self) -> list[str]:
+        """The objectives in order; a single-objective search's one is its metric."""
+        return list(self.objectives) if self.objectives else [self.metric]
+
+    @property
+    def objective_modes(self) -> list[str]:
+        return list(self.objectives.values()) if self.objectives else [self.mode]
+
+    @property
+    def measures_cost(self) -> bool:
+        """Whether trials time their model after training (an objective needs it)."""
+        return any(name in MEASURED_COSTS for name in self.objective_names)
 
     @property
     def params(self) -> list[Param]:
@@ -405,10 +443,37 @@ def parse_space(raw: Mapping[str, Any], *, source: str = "<space>") -> SearchSpe
         raise UserError(f"{source}: {field}: {first['msg']}") from None
     try:
         _check_params(spec)
+        spec = _with_objectives(spec)
         check_budget(spec)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     return spec
+
+
+def _with_objectives(spec: SearchSpec) -> SearchSpec:
+    """Check `objectives` and make its first one the search's metric and mode."""
+    if spec.objectives is None:
+        return spec
+    if len(spec.objectives) < 2:
+        raise UserError(
+            f"objectives: give two or more (got {list(spec.objectives)}); "
+            "for one, use metric and mode"
+        )
+    for name in spec.objectives:
+        if name not in OBJECTIVE_METRICS and not name.startswith(CLASS_IOU_PREFIX):
+            raise UserError(
+                f"objectives.{name}: unknown metric; use one of {list(OBJECTIVE_METRICS)} "
+                f"or {CLASS_IOU_PREFIX}<class>"
+            )
+    first, direction = next(iter(spec.objectives.items()))
+    given = spec.model_fields_set
+    for field, value, wanted in (("metric", spec.metric, first), ("mode", spec.mode, direction)):
+        if field in given and value != wanted:
+            raise UserError(
+                f"{field}: {value!r} differs from the first objective ({first}: {direction}); "
+                f"drop {field} or make it {wanted!r}"
+            )
+    return spec.model_copy(update={"metric": first, "mode": direction})
 
 
 def _check_params(spec: SearchSpec) -> None:

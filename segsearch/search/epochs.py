@@ -34,9 +34,12 @@ def best_row(
     return max(reversed(scored), key=lambda row: sign * score_of(row, metric))
 
 
-def trial_rows(grid: Any, *, metric: str, mode: str, held_out: bool = True) -> list[dict[str, Any]]:
+def trial_rows(
+    grid: Any, *, metric: str, mode: str, held_out: bool = True, objectives: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """A row per trial of a Tune ResultGrid, best first: its score and checkpoint are its best
-    epoch's (`metric`, `best_epoch`, `checkpoint`), beside its last score (`last`).
+    epoch's (`metric`, `best_epoch`, `checkpoint`), beside its last score (`last`); so are the
+    values of the other `objectives` of a multi-objective search (each a column).
 
     Without a held-out split (`held_out=False`: trained on val too) no epoch can be chosen:
     the score is None and the checkpoint the last epoch's.
@@ -63,6 +66,11 @@ def trial_rows(grid: Any, *, metric: str, mode: str, held_out: bool = True) -> l
                 else metrics.get("checkpoint_path"),
                 "error": last_line(result.error) if result.error else None,
                 "history": history,
+                **{
+                    name: None if best is None else score_of(best, name)
+                    for name in objectives
+                    if name != metric
+                },
             }
         )
     sign = -1 if mode == "max" else 1

@@ -48,6 +48,8 @@ class SearchPlan:
     tracking_uri: str
     samples: list[dict[str, Any]]
     notice: str | None = None
+    objectives: dict[str, str] | None = None
+    """A multi-objective search's objectives in order (the first is `metric`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,9 +57,13 @@ class SearchPlan:
     def describe(self) -> str:
         """The plan for people, a few lines."""
         splits = ", ".join(f"{name} {count}" for name, count in self.splits.items())
+        ranked = f"{self.metric} ({self.mode})"
+        if self.objectives:
+            shown = ", ".join(f"{name} ({mode})" for name, mode in self.objectives.items())
+            ranked = f"objectives {shown}"
         lines = [
-            f"search {self.name}: {self.trials} trials × {self.epochs} epochs, {self.metric} "
-            f"({self.mode}), sampler {self.sampler}, scheduler {self.scheduler}",
+            f"search {self.name}: {self.trials} trials × {self.epochs} epochs, {ranked}, "
+            f"sampler {self.sampler}, scheduler {self.scheduler}",
             f"dataset {self.dataset}: {splits} images, classes {', '.join(self.classes)}",
             f"tracking: {self.tracking_uri}",
             f"per trial: {self.workers_per_trial} worker(s), {self.cpus_per_trial:g} CPUs "
@@ -65,6 +71,11 @@ class SearchPlan:
             f"cluster: {self.cluster} ({self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs): "
             f"{self.trials_at_once} trial(s) at once",
         ]
+        if self.objectives:
+            lines.append(
+                f"Pareto front over {len(self.objectives)} objectives; ASHA, each trial's best "
+                f"epoch and refit go by the first ({self.metric})"
+            )
         if self.notice:
             lines.append(f"note: {self.notice}")
         lines.append(f"first {len(self.samples)} sampled configs:")
@@ -116,6 +127,7 @@ def plan_search(
         tracking_uri=without_password(uri),
         samples=sample_configs(spec, samples),
         notice=notice,
+        objectives=dict(spec.objectives) if spec.objectives else None,
     )
 
 
@@ -123,15 +135,16 @@ def sample_configs(spec: SearchSpec, count: int) -> list[dict[str, Any]]:
     """The first `count` parameter sets the space's sampler draws (fixed values left out)."""
     import optuna
 
-    sampler = (
-        optuna.samplers.RandomSampler(seed=spec.sampler.seed)
-        if spec.sampler.kind == "random"
-        else optuna.samplers.TPESampler(seed=spec.sampler.seed)
-    )
+    samplers = {
+        "random": optuna.samplers.RandomSampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "tpe": optuna.samplers.TPESampler,
+    }
+    sampler = samplers[spec.sampler.kind](seed=spec.sampler.seed)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(sampler=sampler, direction=_direction(spec))
+        study = optuna.create_study(sampler=sampler, directions=_directions(spec))
         drawn = []
         for _ in range(count):
             trial = study.ask()
@@ -142,8 +155,8 @@ def sample_configs(spec: SearchSpec, count: int) -> list[dict[str, Any]]:
     return drawn
 
 
-def _direction(spec: SearchSpec) -> str:
-    return "maximize" if spec.mode == "max" else "minimize"
+def _directions(spec: SearchSpec) -> list[str]:
+    return ["maximize" if mode == "max" else "minimize" for mode in spec.objective_modes]
 
 
 def _cluster(spec: SearchSpec, address: str | None) -> tuple[str, dict[str, float], bool]:

@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from segsearch.errors import UserError, first_line
 from segsearch.mlflow_uri import without_password
+from segsearch.search.pareto import values_of
 from segsearch.space import SearchSpec
 from segsearch.values import is_number
 
@@ -129,12 +130,18 @@ def registered(name: str, url: str) -> Iterator[None]:
 
 
 def sampler_for(spec: SearchSpec) -> Any:
-    """Random search, or multivariate TPE over grouped (conditional) parameters that treats
-    trials in flight as already scored (constant liar), so parallel trials spread out."""
+    """Random search, NSGA-II (multi-objective; its first generation is random), or
+    multivariate TPE over grouped (conditional) parameters that treats trials in flight as
+    already scored (constant liar), so parallel trials spread out; TPE and NSGA-II take one
+    objective or several."""
     import optuna
 
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=spec.sampler.seed)
+    if spec.sampler.kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=spec.sampler.seed, population_size=spec.sampler.startup_for(spec.trials)
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
@@ -148,7 +155,12 @@ def sampler_for(spec: SearchSpec) -> Any:
 
 class StudySearch(OptunaSearch):
     """OptunaSearch on a persistent study: every epoch's metric is an intermediate value, a trial
-    that ASHA stopped before its last epoch is PRUNED, and pickles hold no storage URL."""
+    that ASHA stopped before its last epoch is PRUNED, and pickles hold no storage URL.
+
+    A multi-objective space gives Ray's OptunaSearch its objectives as lists (a study with
+    `directions`); Optuna keeps no intermediate values for such a study, so epochs are not
+    reported, and a trial missing one objective's value is told FAIL (Optuna refuses a None).
+    """
 
     def __init__(
         self,
@@ -163,8 +175,8 @@ class StudySearch(OptunaSearch):
         self._reported: dict[str, int] = {}
         super().__init__(
             space=spec.define_by_run,
-            metric=spec.metric,
-            mode=spec.mode,
+            metric=spec.objective_names if spec.multi_objective else spec.metric,
+            mode=spec.objective_modes if spec.multi_objective else spec.mode,
             sampler=sampler_for(spec),
             study_name=spec.name,
             storage=open_storage(url),
@@ -175,6 +187,8 @@ class StudySearch(OptunaSearch):
         """Report the epoch's metric once (a resumed trial repeats its last result)."""
         import optuna
 
+        if isinstance(self.metric, list):
+            return
         step, value = _epoch(result), result.get(self.metric)
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
@@ -197,6 +211,8 @@ class StudySearch(OptunaSearch):
         if result and not error:
             self.on_trial_result(trial_id, result)
         if not result or error or _epoch(result) >= self._epochs:
+            if isinstance(self.metric, list) and result and values_of(result, self.metric) is None:
+                result, error = None, True  # told FAIL: Optuna takes no missing objective
             super().on_trial_complete(trial_id, result=result, error=error)
             return
         state = optuna.trial.TrialState.PRUNED

@@ -34,12 +34,17 @@ from segsearch.manifest import trial_manifest
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.search import placement
+from segsearch.search.cost import measure_cost
 from segsearch.search.system_metrics import SystemSampler
 from segsearch.search.worker import Worker, ray_train_worker
+from segsearch.space import MEASURED_COSTS
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
 if TYPE_CHECKING:
     from segsearch.data.trial_data import TrialData
+
+#: The size measured at when a trial trains at each image's own size and has no overlay image.
+COST_FALLBACK_SIZE = (256, 256)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -88,6 +93,8 @@ def train(config: dict[str, Any], worker: Worker) -> None:
     )
     restored = worker.checkpoint()
     start_epoch, last_metrics = _restore(restored, net, optimizer, scheduler)
+    measure = bool(config.get("measure_cost")) and rank == 0
+    cost = {k: last_metrics[k] for k in MEASURED_COSTS if k in last_metrics} if measure else {}
     if restored is not None:
         # Report the restored epoch again: a trial stopped between its checkpoint and the upload
         # of Tune's result file would otherwise miss that epoch in its history (ASHA, Optuna and
@@ -132,6 +139,10 @@ def train(config: dict[str, Any], worker: Worker) -> None:
                 startup_s = timings["first_step"] - config["launched_at"]
         train_time = time.perf_counter() - started
         loss_sum, images = _sum_across_workers([loss_sum, images], device)
+        if measure and not cost:  # once: the architecture, not the weights, sets the cost
+            cost = measure_cost(
+                net, channels=info.channels, image_size=_cost_size(trial, config), device=device
+            )
 
         val_batches = data.batches("val", rank=rank, world=world, epoch=epoch)
         matrix = _evaluate(net, val_batches, info, normalize, device)
@@ -152,6 +163,7 @@ def train(config: dict[str, Any], worker: Worker) -> None:
             "startup_at": dict(timings),
             placement.RESULT_KEY: worker.placement_group,
             **(system.take() if system else {}),
+            **cost,
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -173,6 +185,17 @@ def train(config: dict[str, Any], worker: Worker) -> None:
                 _write_pictures(Path(tmp), net, config.get("overlay"), scores, info)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             worker.report(metrics, checkpoint)
+
+
+def _cost_size(trial: TrialConfig, config: dict[str, Any]) -> tuple[int, int]:
+    """The image size a trial's cost is measured at: its image_size, else (each image at its own
+    size) that of the first overlay image, a validation image."""
+    if trial.image_size is not None:
+        return tuple(trial.image_size)
+    overlay = config.get("overlay") or {}
+    if "image" in overlay:
+        return tuple(overlay["image"].shape[1:3])
+    return COST_FALLBACK_SIZE
 
 
 class _Normalizer:

@@ -46,6 +46,8 @@ class TrialContext:
     overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
     metric: str = "val_miou"
     mode: str = "max"
+    #: Whether each trial times its model after its first epoch (an objective needs it).
+    measure_cost: bool = False
     #: The splits a trial trains on; with "val" among them (a refit on train+val) nothing is
     #: held out, and the run keeps its latest checkpoints instead of its best.
     train_splits: tuple[str, ...] = ("train",)
@@ -257,6 +259,7 @@ def _loop_config(
         "overlay": overlay_at(context.overlay, trial.image_size),
         "launched_at": timings["entered"],
         "timings": dict(timings),
+        "measure_cost": context.measure_cost,
     }
 
 

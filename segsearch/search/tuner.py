@@ -37,6 +37,7 @@ from segsearch.search.budget import (
 )
 from segsearch.search.capacity import check_capacity, trial_cpus
 from segsearch.search.epochs import trial_rows
+from segsearch.search.pareto import ParetoFront
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress, format_table, print_line
 from segsearch.search.refit import (
@@ -111,6 +112,7 @@ class SearchResult:
     compute: Compute | None = None
     budget: BudgetReport | None = None
     test: Any = None  # segsearch.serve.evaluate.Evaluation of the final model, if scored
+    pareto: ParetoFront | None = None  # a multi-objective search's front
 
     @property
     def final_checkpoint(self) -> str | None:
@@ -129,6 +131,8 @@ class SearchResult:
         table = format_table(self.trials, metric=self.metric)
         if self.refit:
             table += "\n\nrefit:\n" + format_table(self.refit, metric=self.metric)
+        if self.pareto is not None:
+            table += "\n\n" + self.pareto.describe()
         return table
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,18 +143,22 @@ class SearchResult:
         data["experiment_path"] = self.experiment_path
         data["trials"] = [{k: v for k, v in t.items() if k != "history"} for t in self.trials]
         data["budget"] = self.budget.to_dict() if self.budget else None
+        if self.pareto is not None:
+            data.update(self.pareto.to_dict())
         return data
 
     def to_dataframe(self, *, history: bool = False) -> Any:
-        """The trials as a pandas DataFrame: a row per trial (id, score, epochs, error,
-        checkpoint, a column per parameter), or with `history` a row per trial and epoch."""
+        """The trials as a pandas DataFrame: a row per trial (id, score or each objective,
+        epochs, error, checkpoint, a column per parameter), or with `history` a row per trial
+        and epoch."""
         import pandas as pd
 
         if history:
             return pd.DataFrame(
                 [{"trial_id": t["trial_id"], **row} for t in self.trials for row in t["history"]]
             )
-        columns = ("trial_id", self.metric, "epochs", "error", "checkpoint")
+        scores = list(self.pareto.objectives) if self.pareto else [self.metric]
+        columns = ("trial_id", *scores, "epochs", "error", "checkpoint")
         return pd.DataFrame([{**{c: t[c] for c in columns}, **t["config"]} for t in self.trials])
 
 
@@ -273,6 +281,7 @@ def run_search(
         evaluation=evaluation,
         evaluated_trial=final["trial_id"] if evaluation is not None else None,
         study=_finished_study(spec.name, study_url, echo),
+        pareto=result.pareto,
     )
     echo(compute.describe())
     if refit is not None:
@@ -380,6 +389,7 @@ def _trial_context(
         overlay=overlay_batch(dataset),
         metric=spec.metric,
         mode=spec.mode,
+        measure_cost=spec.measures_cost,
     )
 
 
@@ -555,6 +565,7 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
     return {
         "metric": spec.metric,
         "mode": spec.mode,
+        **({"objectives": dict(spec.objectives)} if spec.objectives else {}),
         "trials": spec.trials,
         "sampler": {
             **spec.sampler.model_dump(),
@@ -685,7 +696,7 @@ def check_writable(path: Path) -> None:
 
 
 def _summarize(grid: Any, spec: SearchSpec, storage: str, experiment_path: str) -> SearchResult:
-    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode)
+    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode, objectives=spec.objective_names)
     rows = with_costs(_with_uris(rows, storage), spec.resources)
     best = rows[0] if rows and rows[0][spec.metric] is not None else None
     return SearchResult(
@@ -698,6 +709,7 @@ def _summarize(grid: Any, spec: SearchSpec, storage: str, experiment_path: str) 
         best_checkpoint=best["checkpoint"] if best else None,
         trials=rows,
         experiment_path=experiment_path,
+        pareto=ParetoFront.of(rows, spec.objectives) if spec.objectives else None,
     )
 
 

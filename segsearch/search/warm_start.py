@@ -56,8 +56,9 @@ def _from_study(name: str, url: str, *, top_k: int) -> Candidates | None:
     except UserError:
         return None
     complete = earlier.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    maximize = earlier.direction == optuna.study.StudyDirection.MAXIMIZE
-    best = sorted(complete, key=lambda t: t.value, reverse=maximize)[:top_k]
+    # A multi-objective study's trials rank by its first objective, the search's metric.
+    maximize = earlier.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    best = sorted(complete, key=lambda t: t.values[0], reverse=maximize)[:top_k]
     source = f"{name!r} in {without_password(url)}"
     return [(f"trial {t.number}", dict(t.params)) for t in best], source
 

@@ -11,6 +11,13 @@ Scores are compared like with like: the same metric on the same dataset. A refit
 train+val has no held-out val score: it counts by its test_miou when the search scored it on a
 test split, else by its configuration's search score (`search_<metric>`); on the same dataset a
 model scored by another metric than the alias's takes the alias only with --force.
+
+A multi-objective search is ranked by its first objective. `pick` (`--pick "latency_ms<=20"`)
+chooses from its Pareto front (the parent run's pareto_front.json): the member best in the first
+objective among those meeting every constraint; a refit of that member's configuration, when the
+search refitted it, is taken instead of the member itself. Without `pick` it is the search's
+refit when it has one (refit ranks configurations by the first objective), else the front member
+best in the first objective.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any
 
 from segsearch.errors import UserError, first_line
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
+from segsearch.search import pareto
+from segsearch.tracking._pareto import FRONT_JSON
 from segsearch.tracking._runs import global_tracking_uri
 from segsearch.tracking.tags import (
     DATASET,
@@ -32,6 +41,7 @@ from segsearch.tracking.tags import (
     METRIC,
     METRIC_VALUE,
     MODE,
+    OBJECTIVES,
     PARENT_RUN,
     REFIT_OF,
     REFIT_ON,
@@ -44,13 +54,18 @@ from segsearch.tracking.tags import (
     quoted,
 )
 
-__all__ = ["Promotion", "attach_export", "promote"]
+__all__ = ["NothingMeets", "Promotion", "attach_export", "promote"]
 
 MODEL_ARTIFACT = "model"
 EXPORT_DIR = "export"
 """Where `promote --export` puts the checked file among the logged model's files."""
 #: What a search's test-split evaluation logs (segsearch.serve.evaluate.Evaluation.metrics).
 TEST_METRIC = "test_miou"
+
+
+class NothingMeets(UserError):
+    """No member of the search's Pareto front meets the `--pick` constraints (exit 1: the input
+    was good, the search has no such model)."""
 
 
 @dataclass(frozen=True)
@@ -90,13 +105,17 @@ def promote(
     *,
     model_name: str,
     alias: str = "champion",
-    metric: str = "val_miou",
-    mode: str = "max",
+    metric: str | None = None,
+    mode: str | None = None,
     force: bool = False,
     tracking_uri: str | None = None,
     export: str | None = None,
+    pick: str | None = None,
 ) -> Promotion:
     """Register the best finished trial of a search as a version of `model_name`; move the alias.
+
+    `metric` and `mode` rank the trials (default val_miou, max); a multi-objective search is
+    ranked by its first objective, and `pick` chooses from its Pareto front (module docstring).
 
     With `export` (onnx, torchscript or pt2), the model is first exported and checked
     (segsearch.serve.export); a file that fails its check stops the promotion before anything
@@ -104,7 +123,7 @@ def promote(
     """
     from mlflow import MlflowClient
 
-    if mode not in ("max", "min"):
+    if mode not in (None, "max", "min"):
         raise UserError(f"--mode must be max or min, got {mode!r}")
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_server(uri, existing=True)
@@ -116,7 +135,19 @@ def promote(
                 f"no search {search_name!r} at {uri}: no MLflow experiment of that name "
                 "(the experiment is named after the search; check --tracking-uri)"
             )
-        run, model_id = _best_run(client, experiment.experiment_id, search_name, metric, mode)
+        objectives = _objectives(client, experiment.experiment_id)
+        metric, mode = _ranking(metric, mode, objectives, search_name)
+        if objectives is None:
+            if pick is not None:
+                raise UserError(
+                    f"--pick {pick!r}: search {search_name!r} has no Pareto front (its space "
+                    "declares no objectives)"
+                )
+            run, model_id = _best_run(client, experiment.experiment_id, search_name, metric, mode)
+        else:
+            front = _front(client, experiment.experiment_id, search_name, uri, tmp)
+            chosen = (objectives, front, pick)
+            run, model_id = _front_run(client, experiment.experiment_id, search_name, chosen)
         metric, mode, value = _score(run, metric, mode)
         exported = _checked_export(model_id, export, tmp, uri) if export else None
         dataset = _dataset(client, run)
@@ -188,6 +219,97 @@ def promote(
         export=note,
         **common,
     )
+
+
+def _objectives(client: Any, experiment_id: str) -> dict[str, str] | None:
+    """The objectives (name → max|min, in order) of the search's latest run, None when it has a
+    single objective."""
+    runs = _all_runs(client, experiment_id, f"tags.`{ROLE}` = 'search'")
+    if not runs:
+        return None
+    latest = max(runs, key=lambda run: run.info.start_time or 0)
+    tag = latest.data.tags.get(OBJECTIVES)
+    if not tag:
+        return None
+    return dict(part.rsplit(":", 1) for part in tag.split(","))
+
+
+def _ranking(
+    metric: str | None, mode: str | None, objectives: dict[str, str] | None, search_name: str
+) -> tuple[str, str]:
+    """The metric and mode trials are ranked by: the first objective of a multi-objective
+    search (UserError when --metric/--mode say otherwise), else as given, else val_miou, max."""
+    if objectives is None:
+        return metric or "val_miou", mode or "max"
+    first, direction = next(iter(objectives.items()))
+    for option, given, wanted in (("--metric", metric, first), ("--mode", mode, direction)):
+        if given is not None and given != wanted:
+            raise UserError(
+                f"{option} {given}: search {search_name!r} is multi-objective and ranked by its "
+                f"first objective ({first}: {direction}); choose by the others with --pick"
+            )
+    return first, direction
+
+
+def _front(client: Any, experiment_id: str, search_name: str, uri: str, folder: str) -> list[dict]:
+    """The members of the search's Pareto front, as its latest run logged them."""
+    import json
+
+    from mlflow.artifacts import download_artifacts
+
+    runs = _all_runs(client, experiment_id, f"tags.`{ROLE}` = 'search'")
+    latest = max(runs, key=lambda run: run.info.start_time or 0)
+    try:
+        path = download_artifacts(
+            run_id=latest.info.run_id,
+            artifact_path=FRONT_JSON,
+            dst_path=folder,
+            tracking_uri=uri,
+        )
+    except Exception as err:
+        raise UserError(
+            f"search {search_name!r}: its run has no {FRONT_JSON} ({first_line(err)}); "
+            "did the search finish?"
+        ) from None
+    return json.loads(Path(path).read_text())["front"]
+
+
+def _front_run(
+    client: Any, experiment_id: str, search_name: str, chosen: tuple[dict, list[dict], str | None]
+) -> tuple[Any, str]:
+    """(run, logged model id) of a multi-objective search: by `pick` from its front, or (none
+    given) its refit when it has one, else its front member best in the first objective."""
+    objectives, front, text = chosen
+    models = _logged_models(client, experiment_id)
+    refits = _all_runs(
+        client, experiment_id, f"tags.`{ROLE}` = 'refit' and attributes.status = 'FINISHED'"
+    )
+    refits = [run for run in refits if run.info.run_id in models]
+    first, mode = next(iter(objectives.items()))
+    if text is None and refits:
+        run = _best_refit(refits, first, mode)
+        return run, models[run.info.run_id]
+    constraints = pareto.parse_pick(text, list(objectives)) if text is not None else []
+    member = pareto.pick(front, constraints, first, mode)
+    if member is None:
+        shown = "; ".join(
+            f"{m['trial_id']}: " + ", ".join(f"{n}={m.get(n)}" for n in objectives) for m in front
+        )
+        raise NothingMeets(
+            f"--pick {text!r}: no member of the Pareto front of search {search_name!r} meets "
+            f"it (front: {shown or 'empty'})"
+        )
+    own = [run for run in refits if run.data.tags.get(REFIT_OF) == member["trial_id"]]
+    if own:
+        run = _best_refit(own, first, mode)
+        return run, models[run.info.run_id]
+    run_id = member.get("run_id")
+    if run_id not in models:
+        raise UserError(
+            f"trial {member['trial_id']} of search {search_name!r} is on its Pareto front but "
+            f"has no logged model (artifact {MODEL_ARTIFACT!r})"
+        )
+    return client.get_run(run_id), models[run_id]
 
 
 def _checked_export(model_id: str, fmt: str, folder: str, uri: str) -> Any:

@@ -24,13 +24,17 @@ def _importances(study: Any, metric: str) -> Any:
     if _complete(study) < 2:
         raise ValueError("fewer than 2 complete trials")
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    return plots.plot_param_importances(study, evaluator=evaluator, target_name=metric)
+    return plots.plot_param_importances(
+        study, evaluator=evaluator, target=_first_objective(study), target_name=metric
+    )
 
 
 def _history(study: Any, metric: str) -> Any:
     from optuna.visualization import matplotlib as plots
 
-    return plots.plot_optimization_history(study, target_name=metric)
+    return plots.plot_optimization_history(
+        study, target=_first_objective(study), target_name=metric
+    )
 
 
 def _parallel(study: Any, metric: str) -> Any:
@@ -38,7 +42,7 @@ def _parallel(study: Any, metric: str) -> Any:
 
     if _complete(study) < 1:
         raise ValueError("no complete trial")
-    return plots.plot_parallel_coordinate(study, target_name=metric)
+    return plots.plot_parallel_coordinate(study, target=_first_objective(study), target_name=metric)
 
 
 def _intermediate(study: Any, metric: str) -> Any:
@@ -91,6 +95,14 @@ def _close(figure: Any) -> None:
     from matplotlib import pyplot
 
     pyplot.close(figure)
+
+
+def _first_objective(study: Any) -> Callable[[Any], float] | None:
+    """What to plot of a multi-objective study (its first objective, the search's metric);
+    None, the study's one value, otherwise."""
+    if len(study.directions) == 1:
+        return None
+    return lambda trial: trial.values[0]
 
 
 def _complete(study: Any) -> int:

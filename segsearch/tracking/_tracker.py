@@ -28,7 +28,7 @@ from segsearch.checkpoint import CONFUSION_FILE, MODEL_FILE, OVERLAYS_FILE
 from segsearch.errors import UserError
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
 from segsearch.search.system_metrics import PREFIX as SYSTEM_PREFIX
-from segsearch.tracking import _files, _pictures, _runs
+from segsearch.tracking import _files, _pareto, _pictures, _runs
 from segsearch.tracking._callback import TrackingCallback, register, unregister
 from segsearch.tracking._clean import clean, mask, plain_data, safe_key
 from segsearch.tracking._outcome import (
@@ -51,6 +51,7 @@ from segsearch.tracking.tags import (
     METRIC,
     MODEL_CHECKPOINT,
     MODEL_URI,
+    OBJECTIVES,
     REASON,
     REFIT_MODEL_URI,
     REFIT_RUN_ID,
@@ -75,6 +76,8 @@ EPOCH_METRICS = (
     "time_held_s",
     "cost_cpu_s",
     "cost_gpu_s",
+    "latency_ms",
+    "peak_memory_mb",
 )
 CLASS_IOU_PREFIX = "val_iou_"
 #: Checkpoint pictures also logged with `log_image(key=..., step=epoch)`: file → image key.
@@ -405,6 +408,7 @@ class SearchTracker:
         parent_tags: Mapping[str, str] | None = None,
         evaluation: Any = None,
         evaluated_trial: str | None = None,
+        pareto: Any = None,
         wait_s: float = FINISH_WAIT_S,
     ) -> TrackingSummary:
         """Log the best trial and its model, the pictures of `study` (the search's Optuna study)
@@ -415,6 +419,8 @@ class SearchTracker:
         the parent names the one promote takes (trial `refit_choice`). `parent_metrics` (the
         compute spent), `parent_tags` and `evaluation` (a segsearch.serve.evaluate.Evaluation of
         `evaluated_trial`'s model) go on the parent run, the evaluation also on that trial's.
+        With `pareto` (a multi-objective search's segsearch.search.pareto.ParetoFront), each
+        front member logs its model and the parent run gets the front (`_pareto`).
 
         Never raises for MLflow failures: the search itself is done. It waits at most `wait_s`
         in all for MLflow; what could not be logged by then is in the summary's `unlogged` and
@@ -448,6 +454,9 @@ class SearchTracker:
             self._record_evaluation(evaluation, evaluated_trial)
         with self._reported("search run: pictures and trials table"):
             self._log_search_files(results, metric=metric, study=study)
+        if pareto is not None:
+            with self._reported("search run: Pareto front"):
+                self._record_front(pareto, outcomes, best)
         failed = bool(outcomes) and all(o.status == ERROR for o in outcomes)
         tags = {STATUS: "failed" if failed else "finished", **(parent_tags or {})}
         self.writer.submit(
@@ -643,6 +652,27 @@ class SearchTracker:
             f"trial {outcome.trial_id}: best epoch",
             lambda c: _runs.log_batch(c, self._run(outcome.trial_id), metrics=metrics),
         )
+
+    def _record_front(
+        self, pareto: Any, outcomes: list[TrialOutcome], best: TrialOutcome | None
+    ) -> None:
+        """Every front member's model on its run (promote --pick registers one), the front's
+        files on the parent run and its objectives as a tag."""
+        members = {row["trial_id"] for row in pareto.members}
+        for outcome in outcomes:
+            chosen = outcome.trial_id in members and outcome.checkpoint
+            if chosen and (best is None or outcome.trial_id != best.trial_id):
+                self._log_model(outcome, folder=f"front_model_{outcome.trial_id}", parent_tag=None)
+        folder = self._staging / "pareto"
+        folder.mkdir(exist_ok=True)
+
+        def on_parent(client: MlflowClient) -> None:
+            for path in _pareto.write_front(pareto, self._children, folder):
+                client.log_artifact(self.parent_run_id, str(path))
+            tag = {OBJECTIVES: _pareto.objectives_tag(pareto.objectives)}
+            _runs.log_tags(client, self.parent_run_id, tag)
+
+        self.writer.submit("search run: Pareto front", on_parent)
 
     def _record_refits(self, refits: list[TrialOutcome], choice: str | None) -> None:
         """Log every finished refit run's model; name on the parent the one promote takes."""

@@ -20,6 +20,7 @@ __all__ = [
     "MODE",
     "MODEL_CHECKPOINT",
     "MODEL_URI",
+    "OBJECTIVES",
     "PARENT_RUN",
     "REASON",
     "REFIT_MODEL_URI",
@@ -61,6 +62,9 @@ BEST_TRIAL_ID = "segsearch.best_trial_id"
 BEST_RUN_ID = "segsearch.best_run_id"
 BEST_MODEL_URI = "segsearch.best_model_uri"
 METRIC = "segsearch.metric"  # the metric the best trial (or a model version) was chosen by
+# A multi-objective search's objectives in order ("val_miou:max,latency_ms:min"); its parent run
+# then holds pareto_front.json, which promote --pick chooses from.
+OBJECTIVES = "segsearch.objectives"
 REFIT_RUN_ID = "segsearch.refit_run_id"  # the refit run whose model promote takes
 REFIT_MODEL_URI = "segsearch.refit_model_uri"
 TEST_MODEL = "segsearch.test_model"  # the model the parent's test_* metrics are of
