@@ -106,6 +106,20 @@ def test_searcher_reports_each_epoch_and_tells_asha_stopped_trials_pruned(tmp_pa
     assert c.state == optuna.trial.TrialState.FAIL
 
 
+def test_a_completed_trial_is_told_its_best_epoch_not_its_last(tmp_path):
+    """Segsearch ranks trials and keeps checkpoints by their best epoch (search/epochs.py), so
+    Optuna must learn the same score, not Tune's final result's."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    searcher = _searcher(url)
+    searcher.suggest("a")
+    for epoch, miou in ((1, 0.4), (2, 0.6)):
+        searcher.on_trial_result("a", result(epoch, miou))
+    searcher.on_trial_complete("a", result=result(3, 0.3))
+
+    (a,) = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert (a.state, a.value, a.intermediate_values) == (COMPLETE, 0.6, {1: 0.4, 2: 0.6, 3: 0.3})
+
+
 def test_a_restored_searcher_continues_the_same_trials_and_never_pickles_the_url(tmp_path):
     url = f"sqlite:///{tmp_path}/optuna.db"
     searcher = _searcher(url)
