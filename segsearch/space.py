@@ -87,6 +87,8 @@ class SearchSpec(_Strict):
     warm_start: WarmStartSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
     refit: RefitSpec | None = None
+    #: Configurations tried first (`enqueued_points`): e.g. the one a user would train by hand.
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Any] = Field(default_factory=dict)
 
@@ -140,6 +142,58 @@ class Param:
                 self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
             )
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        """Whether Optuna could suggest `value` here (a choice of the same type, or inside the
+        range and on its step)."""
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        if self.kind == "choice":
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind == "int":
+            if not float(value).is_integer():
+                return False
+            dist: Any = IntDistribution(
+                int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        else:
+            dist = FloatDistribution(self.low, self.high, step=self.step, log=self.log)
+        return dist._contains(dist.to_internal_repr(value))
+
+
+def enqueued_points(spec: SearchSpec) -> list[dict[str, Any]]:
+    """The space's `enqueue:` configurations as the parameters Optuna is told to try first; a
+    parameter an entry leaves out is sampled. UserError naming the entry when one does not fit:
+    an unknown key, a value outside the space, a fixed key with another value, or a parameter
+    whose `when` the entry rules out."""
+    return [_fit_entry(spec, entry, f"enqueue[{i}]") for i, entry in enumerate(spec.enqueue)]
+
+
+def _fit_entry(spec: SearchSpec, entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    given = flatten_sections(entry)
+    fixed = flatten_sections(spec.fixed)
+    params = {param.key: param for param in spec.params}
+    for key, value in given.items():
+        if key in fixed and fixed[key] != value:
+            raise UserError(f"{where}.{key}: {value!r}, but the space fixes it to {fixed[key]!r}")
+        if key not in fixed and key not in params:
+            raise UserError(f"{where}.{key}: not a parameter of this space")
+    chosen: dict[str, Any] = dict(fixed)
+    point: dict[str, Any] = {}
+    for param in spec.params:
+        decided = all(key in chosen for key, _ in param.when)
+        if decided and not param.active(chosen):
+            if param.key in given:
+                raise UserError(f"{where}.{param.key}: this configuration does not use it (when)")
+            continue
+        if param.key not in given:
+            continue
+        if not param.contains(given[param.key]):
+            raise UserError(f"{where}.{param.key}: {given[param.key]!r} is outside this space")
+        chosen[param.key] = point[param.key] = given[param.key]
+    return point
 
 
 def parse_refit(text: str) -> RefitSpec:
@@ -311,6 +365,7 @@ def parse_space(raw: Mapping[str, Any], *, source: str = "<space>") -> SearchSpe
         raise UserError(f"{source}: {field}: {first['msg']}") from None
     try:
         _check_params(spec)
+        enqueued_points(spec)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     return spec

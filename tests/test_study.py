@@ -21,7 +21,7 @@ from segsearch.search.study import (
     sampler_for,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import parse_space
+from segsearch.space import enqueued_points, parse_space
 from segsearch.tracking._pictures import PICTURES, study_pictures
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
@@ -211,6 +211,16 @@ def test_warm_start_configurations_are_the_first_trials_asked(tmp_path):
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert first == {"model.arch": "fcn", "model.fcn_skips": "8s", "optim.lr": 0.02}
     assert second == {"model.arch": "unet", "optim.lr": 0.003}
+
+
+def test_enqueued_configurations_are_asked_first_and_partial_ones_are_completed(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    enqueue = [{"model.arch": "unet", "optim.lr": 0.005}, {"model.arch": "fcn"}]
+    spec = parse_space(space(enqueue=enqueue))
+    searcher = StudySearch(spec=spec, url=url, points_to_evaluate=enqueued_points(spec))
+    first, second = searcher.suggest("a"), searcher.suggest("b")
+    assert first == {"model.arch": "unet", "optim.lr": 0.005}
+    assert second["model.arch"] == "fcn" and set(second) == {*first, "model.fcn_skips"}
 
 
 def test_pictures_come_from_the_study_and_leave_matplotlib_as_it_was(tmp_path):

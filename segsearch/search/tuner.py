@@ -54,7 +54,7 @@ from segsearch.search.trial import (
     tune_retries,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import SearchSpec, nest, search_image_sizes
+from segsearch.space import SearchSpec, enqueued_points, nest, search_image_sizes
 from segsearch.tracking import SearchTracker
 
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
@@ -353,14 +353,15 @@ def _finished_study(name: str, url: str, echo: Callable[[str], None]) -> Any:
 def _new_study(
     spec: SearchSpec, url: str, tracking_uri: str | None, echo: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """Check that a new search starts its own study; the warm-start configurations it tries
-    first."""
+    """Check that a new search starts its own study; the configurations it tries first: the
+    space's `enqueue:` ones, then the warm start's."""
     if spec.warm_start and spec.warm_start.search == spec.name:
         raise UserError(f"warm_start: {spec.name!r} is this search; name an earlier one")
     check_new_study(spec.name, url)
     shown = without_password(url)
     echo(f"Optuna: study {spec.name!r} in {shown} (watch it: optuna-dashboard {shown})")
-    return warm_start_points(spec, url, tracking_uri=resolve_tracking_uri(tracking_uri), echo=echo)
+    warm = warm_start_points(spec, url, tracking_uri=resolve_tracking_uri(tracking_uri), echo=echo)
+    return [*enqueued_points(spec), *warm]
 
 
 def _tuner(
