@@ -65,12 +65,17 @@ class RefitSpec(_Strict):
     """Train the search's best configurations again at full fidelity, after the search.
 
     `on: train+val` trains on both splits: the refit then has no held-out val score, and its
-    model is the last epoch's.
+    model is the last epoch's. `from: checkpoint` starts each refit from its trial's best-epoch
+    weights (with a fresh optimizer and lr schedule over the refit's epochs: a warm restart),
+    so the search's training of the winner is kept; `from: scratch` trains it anew.
     """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     epochs: int = Field(ge=1)
     top_k: int = Field(default=1, ge=1)
     on: Literal["train", "train+val"] = "train"
+    start: Literal["checkpoint", "scratch"] = Field(default="checkpoint", alias="from")
 
 
 class SearchSpec(_Strict):

@@ -35,6 +35,7 @@ from segsearch.search.refit import (
     refit_path,
     refit_phase,
     refit_rows,
+    refit_starts,
     refit_tuner,
     spent,
     training_images,
@@ -307,6 +308,7 @@ def _refit(
             concurrency=_concurrency(spec, echo),
             restore=restore,
             echo=echo,
+            starts=refit_starts(result.trials, phase, spec.refit, context.storage),
         ),
         tracker,
         trials=len(phase.sources),
@@ -499,7 +501,7 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
         },
         "warm_start": spec.warm_start.model_dump() if spec.warm_start else None,
         "resources": spec.resources.model_dump(),
-        **({"refit": spec.refit.model_dump()} if spec.refit else {}),
+        **({"refit": spec.refit.model_dump(by_alias=True)} if spec.refit else {}),
     }
 
 
