@@ -230,7 +230,7 @@ def _initial_weights(location: str) -> torch.Tensor:
     return torch.cat([t.flatten().float() for t in model.state_dict().values()])
 
 
-@pytest.mark.parametrize("start", ["checkpoint", "scratch"])
+@pytest.mark.parametrize("start", ["checkpoint", pytest.param("scratch", marks=pytest.mark.slow)])
 def test_a_refit_starts_from_its_trials_best_checkpoint_or_from_scratch(
     ray_cluster, dataset_with_test, tmp_path, start
 ):
