@@ -205,3 +205,24 @@ def test_the_shipped_spaces_try_the_default_unet_first(name):
     assert model == ("unet", 4, 16, "transpose")
     assert (trial.loss.kind, trial.optim.name, trial.optim.lr) == ("ce", "adamw", 1e-3)
     assert trial.aug.flip and trial.model.dropout == 0.0
+
+
+def test_an_enqueued_configuration_that_cannot_be_built_fails_before_ray_naming_its_entry(
+    tmp_path,
+):
+    from segsearch.data.demo import DEMO_CLASSES, generate_demo_samples
+    from segsearch.data.ingest import write_dataset
+    from segsearch.data.shards import open_dataset
+    from segsearch.search.tuner import check_trial_configs
+
+    samples = [
+        *generate_demo_samples(n=2, size=(16, 16), seed=0, split="train"),
+        *generate_demo_samples(n=2, size=(16, 16), seed=0, split="val"),
+    ]
+    write_dataset(tmp_path / "data", samples, classes=DEMO_CLASSES)
+    info = open_dataset(str(tmp_path / "data")).info
+    space = {"name": "c", "space": {"model.width": {"int": [0, 64]}}}
+    check_trial_configs(parse_space({**space, "enqueue": [{"model.width": 8}]}), info)
+    with pytest.raises(UserError, match=r"^enqueue\[1\]: model\.width must be an integer from 1"):
+        spec = parse_space({**space, "enqueue": [{"model.width": 8}, {"model.width": 0}]})
+        check_trial_configs(spec, info)

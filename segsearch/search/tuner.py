@@ -506,29 +506,43 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
 
 
 def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 16) -> None:
-    """Sample the space without Ray and build each trial's parts, so bad values fail up front."""
+    """Build the parts of the space's `enqueue:` configurations and of a sample of the space
+    without Ray, so bad values fail up front (an enqueued one's error names its entry)."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    points = enqueued_points(spec)
+    for point in points:
+        study.enqueue_trial(point)
+    for index in range(len(points) + samples):
+        ot_trial = study.ask()
+        constants = spec.define_by_run(ot_trial)
+        try:
+            _build_trial_parts(nest({**ot_trial.params, **constants}), info)
+        except UserError as err:
+            if index >= len(points):
+                raise
+            raise UserError(f"enqueue[{index}]: {err}") from None
+        study.tell(ot_trial, 0.0)
+
+
+def _build_trial_parts(config: dict[str, Any], info: DatasetInfo) -> None:
+    """A trial config's model, loss and augmentation, built as a trial builds them."""
     from segsearch.data.augment import build_augment
     from segsearch.losses import build_loss
     from segsearch.models import build_model
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for _ in range(samples):
-        ot_trial = study.ask()
-        constants = spec.define_by_run(ot_trial)
-        trial = TrialConfig.from_dict(nest({**ot_trial.params, **constants}))
-        build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
-        build_loss(
-            trial.loss,
-            num_classes=info.num_classes,
-            ignore_index=info.ignore_index,
-            class_pixel_counts=info.class_pixel_counts,
-            class_image_pixels=info.class_image_pixels,
-        )
-        build_augment(trial.aug, ignore_index=info.ignore_index)
-        study.tell(ot_trial, 0.0)
+    trial = TrialConfig.from_dict(config)
+    build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
+    build_loss(
+        trial.loss,
+        num_classes=info.num_classes,
+        ignore_index=info.ignore_index,
+        class_pixel_counts=info.class_pixel_counts,
+        class_image_pixels=info.class_image_pixels,
+    )
+    build_augment(trial.aug, ignore_index=info.ignore_index)
 
 
 def _concurrency(spec: SearchSpec, echo: Callable[[str], None]) -> int:
