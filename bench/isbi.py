@@ -7,13 +7,18 @@ grey 255 is `cell`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from segsearch.data.ingest import ingest
 
-ISBI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "isbi2012-membrane"
+#: Beside the repository; $SEGSEARCH_ISBI names it elsewhere (e.g. from a git worktree).
+ISBI = Path(
+    os.environ.get("SEGSEARCH_ISBI")
+    or Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "isbi2012-membrane"
+)
 CLASSES = "membrane,cell"
 COLORS = "0;255"
 

@@ -2,20 +2,23 @@
 
 ISBI 2012 membranes (bench/isbi.py: 18 train, 6 val, 6 test images, trained at --size), per seed:
 
-- TPE+ASHA: a search over SPACE (--trials trials of up to --trial-epochs epochs, ASHA), then the
-  best configuration refit for --refit-epochs epochs on the train split;
+- TPE+ASHA: a search over SPACE (--trials trials of up to --trial-epochs epochs, ASHA) whose
+  first trial is the baseline's configuration (`enqueue:`), then the best configuration refit for
+  --refit-epochs epochs on the train split, from its trial's best checkpoint or from scratch
+  (--refit-from);
 - random: the same space and refit, random sampling, no early stopping, as many whole trials as
   fit in the TPE+ASHA search's spent compute;
 - baseline: the hand-configured U-Net (CE, AdamW, flips) given the TPE+ASHA search + refit's
   whole compute as epochs of the train split.
 
 Compute is image-epochs (epochs trained × training images), counted from what each search
-reports it spent. Every model is scored by `segsearch evaluate` on the held-out test split at the
+reports it spent: a refit from a checkpoint counts its own epochs, the checkpoint's were counted
+in the search. Every model is scored by `segsearch evaluate` on the held-out test split at the
 images' own 512×512 resolution. "To reach" is the image-epochs a search had spent, in the order
 its epochs were reported, when it first matched random search's best val mIoU.
 
     python bench/search_quality.py [--seeds 3] [--size 128] [--trials 12] [--trial-epochs 9]
-                                   [--refit-epochs 30]
+                                   [--refit-epochs 30] [--refit-from checkpoint|scratch]
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ SPACE = {
     "aug.flip": {"choice": [True, False]},
     "aug.elastic": {"choice": [True, False]},
 }
+#: The baseline as the search's first trial: its values of SPACE's parameters.
+ENQUEUED = {**{key: value for key, value in BASELINE.items() if key in SPACE}, "aug.elastic": False}
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Outcome:
     image_epochs: float
     wall_s: float
     epochs: list[tuple[str, float]]
+    refit_image_epochs: float = 0.0
 
     def image_epochs_to_reach(self, target: float, train_images: int) -> float | None:
         for spent, (_, score) in enumerate(self.epochs, start=1):
@@ -88,9 +94,10 @@ def space(name: str, *, sampler: str, seed: int, args: argparse.Namespace, trial
         "epochs": args.trial_epochs,
         "sampler": {"kind": sampler, "seed": seed},
         "scheduler": asha if sampler == "tpe" else {"kind": "none"},
-        "refit": {"epochs": args.refit_epochs, "top_k": 1, "on": "train"},
+        "refit": {"epochs": args.refit_epochs, "top_k": 1, "on": "train", "from": args.refit_from},
         "fixed": {"batch_size": 4, "image_size": [args.size, args.size], "seed": seed},
         "space": SPACE,
+        "enqueue": [ENQUEUED],
     }
 
 
@@ -129,6 +136,7 @@ def run(label: str, raw: dict[str, Any], *, dataset: str, tmp: str) -> Outcome:
         image_epochs=result.compute.total_image_epochs,
         wall_s=time.perf_counter() - started,
         epochs=epoch_order(result.trials),
+        refit_image_epochs=result.compute.refit_image_epochs,
     )
 
 
@@ -136,13 +144,16 @@ def seed_table(seed: int, outcomes: list[Outcome], *, train_images: int) -> str:
     target = next(o for o in outcomes if o.label == "random").best_val
     lines = [
         f"seed {seed:<6} {'test mIoU':>9} {'best val':>8} {'img-epochs':>10} "
-        f"{'to reach':>8} {'wall s':>7}"
+        f"{'to reach':>8} {'refit %':>7} {'wall s':>7}"
     ]
     for o in outcomes:
         reach = o.image_epochs_to_reach(target, train_images) if o.label != "baseline" else None
+        share = (
+            f"{100 * o.refit_image_epochs / o.image_epochs:.0f}" if o.label != "baseline" else "-"
+        )
         lines.append(
             f"{o.label:<11} {o.test_miou:>9.4f} {o.best_val:>8.4f} {o.image_epochs:>10.0f} "
-            f"{'-' if o.label == 'baseline' else _reach(reach):>8} {o.wall_s:>7.0f}"
+            f"{'-' if o.label == 'baseline' else _reach(reach):>8} {share:>7} {o.wall_s:>7.0f}"
         )
     return "\n".join(lines)
 
@@ -171,6 +182,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="TPE+ASHA trials")
     parser.add_argument("--trial-epochs", type=int, default=9, help="epochs per trial at most")
     parser.add_argument("--refit-epochs", type=int, default=30)
+    parser.add_argument(
+        "--refit-from",
+        choices=["checkpoint", "scratch"],
+        default="checkpoint",
+        help="start the refit from the trial's best checkpoint, or train it anew",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     rows: dict[str, list[Outcome]] = {"TPE+ASHA": [], "random": [], "baseline": []}
@@ -178,7 +195,7 @@ def main() -> None:
         dataset = f"{tmp}/isbi"
         splits = ingest_isbi(dataset)
         train_images = splits["train"]
-        print(f"ISBI 2012: {splits}, trained at {args.size}x{args.size}", flush=True)
+        print(f"ISBI 2012: {splits}, trained at {args.size}x{args.size}; {vars(args)}", flush=True)
         for seed in range(args.seeds):
             tpe = run(
                 "TPE+ASHA",

@@ -120,6 +120,21 @@ def load_model(location: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return build_from(meta, state, location), meta
 
 
+def load_weights(location: str, model: nn.Module) -> None:
+    """Load a checkpoint's (local dir or s3:// URI) weights into `model`, which must be the same
+    network: a refit starting from its trial's checkpoint."""
+    from segsearch.data.storage import filesystem_for
+
+    filesystem, root = filesystem_for(location)
+    state = _read(filesystem, root, MODEL_FILE, location)
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+    except Exception as err:
+        raise UserError(
+            f"{location}/{MODEL_FILE} does not fit this trial's model: {first_line(err)}"
+        ) from None
+
+
 def read_meta(data: bytes, location: str) -> dict[str, Any]:
     """Parse trial.json and check it names everything needed to rebuild and feed the model."""
     try:

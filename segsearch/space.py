@@ -80,12 +80,17 @@ class RefitSpec(_Strict):
     """Train the search's best configurations again at full fidelity, after the search.
 
     `on: train+val` trains on both splits: the refit then has no held-out val score, and its
-    model is the last epoch's.
+    model is the last epoch's. `from: checkpoint` starts each refit from its trial's best-epoch
+    weights (with a fresh optimizer and lr schedule over the refit's epochs: a warm restart),
+    so the search's training of the winner is kept; `from: scratch` trains it anew.
     """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     epochs: int = Field(ge=1)
     top_k: int = Field(default=1, ge=1)
     on: Literal["train", "train+val"] = "train"
+    start: Literal["checkpoint", "scratch"] = Field(default="checkpoint", alias="from")
 
 
 #: Seconds per unit of a `wall` budget's duration: `45s`, `90m`, `6h`.
@@ -177,6 +182,8 @@ class SearchSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     refit: RefitSpec | None = None
     budget: BudgetSpec | None = None
+    #: Configurations tried first (`enqueued_points`): e.g. the one a user would train by hand.
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Any] = Field(default_factory=dict)
 
@@ -248,6 +255,58 @@ class Param:
                 self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
             )
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        """Whether Optuna could suggest `value` here (a choice of the same type, or inside the
+        range and on its step)."""
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        if self.kind == "choice":
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind == "int":
+            if not float(value).is_integer():
+                return False
+            dist: Any = IntDistribution(
+                int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        else:
+            dist = FloatDistribution(self.low, self.high, step=self.step, log=self.log)
+        return dist._contains(dist.to_internal_repr(value))
+
+
+def enqueued_points(spec: SearchSpec) -> list[dict[str, Any]]:
+    """The space's `enqueue:` configurations as the parameters Optuna is told to try first; a
+    parameter an entry leaves out is sampled. UserError naming the entry when one does not fit:
+    an unknown key, a value outside the space, a fixed key with another value, or a parameter
+    whose `when` the entry rules out."""
+    return [_fit_entry(spec, entry, f"enqueue[{i}]") for i, entry in enumerate(spec.enqueue)]
+
+
+def _fit_entry(spec: SearchSpec, entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    given = flatten_sections(entry)
+    fixed = flatten_sections(spec.fixed)
+    params = {param.key: param for param in spec.params}
+    for key, value in given.items():
+        if key in fixed and fixed[key] != value:
+            raise UserError(f"{where}.{key}: {value!r}, but the space fixes it to {fixed[key]!r}")
+        if key not in fixed and key not in params:
+            raise UserError(f"{where}.{key}: not a parameter of this space")
+    chosen: dict[str, Any] = dict(fixed)
+    point: dict[str, Any] = {}
+    for param in spec.params:
+        decided = all(key in chosen for key, _ in param.when)
+        if decided and not param.active(chosen):
+            if param.key in given:
+                raise UserError(f"{where}.{param.key}: this configuration does not use it (when)")
+            continue
+        if param.key not in given:
+            continue
+        if not param.contains(given[param.key]):
+            raise UserError(f"{where}.{param.key}: {given[param.key]!r} is outside this space")
+        chosen[param.key] = point[param.key] = given[param.key]
+    return point
 
 
 def parse_refit(text: str) -> RefitSpec:
@@ -445,6 +504,7 @@ def parse_space(raw: Mapping[str, Any], *, source: str = "<space>") -> SearchSpe
         _check_params(spec)
         spec = _with_objectives(spec)
         check_budget(spec)
+        enqueued_points(spec)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     return spec

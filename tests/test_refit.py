@@ -8,12 +8,14 @@ import math
 import re
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from segsearch.checkpoint import load_model
 from segsearch.data.demo import DEMO_CLASSES, generate_demo_samples
 from segsearch.data.ingest import write_dataset
 from segsearch.errors import UserError
+from segsearch.models import build_model
 from segsearch.search.epochs import best_row
 from segsearch.search.progress import format_table
 from segsearch.search.refit import Compute, checkpoint_uri, spent
@@ -79,6 +81,11 @@ def test_refit_from_the_command_line_and_the_space():
         parse_space(_space("s", refit={"epochs": 5, "top_k": 0}))
     with pytest.raises(UserError, match=r"refit.epochs: Field required"):
         parse_space(_space("s", refit={"top_k": 1}))
+    assert parse_space(_space("s", refit={"epochs": 5})).refit.start == "checkpoint"
+    scratch = parse_space(_space("s", refit={"epochs": 5, "from": "scratch"}))
+    assert scratch.refit == RefitSpec(epochs=5, start="scratch")
+    with pytest.raises(UserError, match=r"refit.from: Input should be 'checkpoint' or 'scratch'"):
+        parse_space(_space("s", refit={"epochs": 5, "from": "best"}))
 
 
 def test_best_row_takes_the_latest_of_equal_scores_and_never_nan():
@@ -207,6 +214,56 @@ def test_the_best_epoch_counts_and_the_refit_is_promoted(ray_cluster, dataset_wi
     promotion = promote("best-epoch", model_name="best-epoch-seg", metric="lr", tracking_uri=uri)
     assert promotion.run_id == refit_run.info.run_id
     assert promotion.value == pytest.approx(refit["lr"])
+
+
+def _weights(location: str) -> torch.Tensor:
+    return torch.cat([t.flatten().float() for t in load_model(location)[0].state_dict().values()])
+
+
+def _initial_weights(location: str) -> torch.Tensor:
+    """The weights a trial of the checkpoint's config starts from (train.py seeds, then builds)."""
+    meta = load_model(location)[1]
+    torch.manual_seed(meta["config"]["seed"])
+    model = build_model(
+        meta["model"], in_channels=int(meta["in_channels"]), num_classes=int(meta["num_classes"])
+    )
+    return torch.cat([t.flatten().float() for t in model.state_dict().values()])
+
+
+@pytest.mark.parametrize("start", ["checkpoint", pytest.param("scratch", marks=pytest.mark.slow)])
+def test_a_refit_starts_from_its_trials_best_checkpoint_or_from_scratch(
+    ray_cluster, dataset_with_test, tmp_path, start
+):
+    """One refit epoch from the trial's checkpoint ends near that checkpoint, far from the
+    initial weights; from scratch it ends near them (the same seed, the trial's first epoch).
+    Either way it is tracked as a refit of its trial and counted as the refit's compute."""
+    space = _space(
+        f"from-{start}",
+        epochs=3,
+        fixed={**_space("x")["fixed"], "optim.lr": 0.02},
+        refit={"epochs": 1, "from": start},
+    )
+    lines: list[str] = []
+    result = run_search(
+        parse_space(space),
+        dataset=dataset_with_test,
+        storage=str(tmp_path / "runs"),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        echo=lines.append,
+    )
+
+    (trial,), (refit,) = result.trials, result.refit
+    assert refit["refit_of"] == trial["trial_id"] and refit["epochs"] == 1
+    assert result.compute.refit_image_epochs == TRAIN
+    refit_weights = _weights(result.final_checkpoint)
+    to_trial = torch.dist(refit_weights, _weights(result.best_checkpoint))
+    to_start = torch.dist(refit_weights, _initial_weights(result.best_checkpoint))
+    if start == "checkpoint":
+        assert to_trial < to_start
+        assert any(line.endswith("from their trials' best checkpoints") for line in lines)
+    else:
+        assert to_start < to_trial
+        assert any(line.endswith("on train, from scratch") for line in lines)
 
 
 @pytest.mark.slow

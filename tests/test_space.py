@@ -12,7 +12,7 @@ import yaml
 
 from segsearch.config import TrialConfig
 from segsearch.errors import UserError
-from segsearch.space import flatten_sections, load_space, nest, parse_space
+from segsearch.space import enqueued_points, flatten_sections, load_space, nest, parse_space
 
 SPACES = sorted(Path(__file__).resolve().parent.parent.joinpath("search_spaces").glob("*.yaml"))
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -147,3 +147,82 @@ def test_cli_rejects_a_malformed_space_before_ray_starts(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"error: {path}: space.model.depth: int range low 6 > high 5"]
     assert "ray" not in proc.stdout.lower()
+
+
+def _enqueue_space(*entries) -> dict:
+    return {
+        "name": "q",
+        "fixed": {"batch_size": 4},
+        "space": {
+            "model.arch": {"choice": ["fcn", "unet"]},
+            "model.fcn_skips": {"choice": ["16s", "8s"], "when": {"model.arch": "fcn"}},
+            "optim.lr": {"float": [1e-4, 1e-2], "log": True},
+        },
+        "enqueue": list(entries),
+    }
+
+
+def test_enqueued_configurations_are_fitted_to_the_space_and_may_be_partial():
+    spec = parse_space(
+        _enqueue_space(
+            {"model": {"arch": "unet"}, "optim.lr": 1e-3, "batch_size": 4},
+            {"model.fcn_skips": "8s"},  # arch left to the sampler: skips kept for when it is fcn
+        )
+    )
+    assert enqueued_points(spec) == [
+        {"model.arch": "unet", "optim.lr": 1e-3},
+        {"model.fcn_skips": "8s"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"model.width": 16}, r"enqueue\[1\]\.model\.width: not a parameter of this space"),
+        ({"optim.lr": 0.5}, r"enqueue\[1\]\.optim\.lr: 0\.5 is outside this space"),
+        ({"batch_size": 8}, r"enqueue\[1\]\.batch_size: 8, but the space fixes it to 4"),
+        (
+            {"model.arch": "unet", "model.fcn_skips": "8s"},
+            r"enqueue\[1\]\.model\.fcn_skips: this configuration does not use it",
+        ),
+    ],
+)
+def test_an_enqueued_configuration_that_does_not_fit_names_the_entry(entry, message):
+    with pytest.raises(UserError, match=rf"^<space>: {message}"):
+        parse_space(_enqueue_space({"model.arch": "fcn"}, entry))
+
+
+@pytest.mark.parametrize("name", ["full.yaml", "unet_family.yaml"])
+def test_the_shipped_spaces_try_the_default_unet_first(name):
+    """The configuration a user would train by hand (bench/search_quality.py's BASELINE, within
+    the space's fixed settings) is the first trial, so a search is never blind to it."""
+    spec = load_space(Path(__file__).resolve().parent.parent / "search_spaces" / name)
+    first = enqueued_points(spec)[0]
+    trial = TrialConfig.from_dict(nest({**flatten_sections(spec.fixed), **first}))
+    chosen = {**flatten_sections(spec.fixed), **first}
+    assert all(p.key in first for p in spec.params if p.active(chosen))  # nothing left to chance
+    model = (trial.model.arch, trial.model.depth, trial.model.width, trial.model.upsample)
+    assert model == ("unet", 4, 16, "transpose")
+    assert (trial.loss.kind, trial.optim.name, trial.optim.lr) == ("ce", "adamw", 1e-3)
+    assert trial.aug.flip and trial.model.dropout == 0.0
+
+
+def test_an_enqueued_configuration_that_cannot_be_built_fails_before_ray_naming_its_entry(
+    tmp_path,
+):
+    from segsearch.data.demo import DEMO_CLASSES, generate_demo_samples
+    from segsearch.data.ingest import write_dataset
+    from segsearch.data.shards import open_dataset
+    from segsearch.search.tuner import check_trial_configs
+
+    samples = [
+        *generate_demo_samples(n=2, size=(16, 16), seed=0, split="train"),
+        *generate_demo_samples(n=2, size=(16, 16), seed=0, split="val"),
+    ]
+    write_dataset(tmp_path / "data", samples, classes=DEMO_CLASSES)
+    info = open_dataset(str(tmp_path / "data")).info
+    space = {"name": "c", "space": {"model.width": {"int": [0, 64]}}}
+    check_trial_configs(parse_space({**space, "enqueue": [{"model.width": 8}]}), info)
+    with pytest.raises(UserError, match=r"^enqueue\[1\]: model\.width must be an integer from 1"):
+        spec = parse_space({**space, "enqueue": [{"model.width": 8}, {"model.width": 0}]})
+        check_trial_configs(spec, info)

@@ -21,7 +21,7 @@ from segsearch.search.study import (
     sampler_for,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import parse_space
+from segsearch.space import enqueued_points, parse_space
 from segsearch.tracking._pictures import PICTURES, study_pictures
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
@@ -104,6 +104,20 @@ def test_searcher_reports_each_epoch_and_tells_asha_stopped_trials_pruned(tmp_pa
     assert (a.state, a.value, a.intermediate_values) == (COMPLETE, 0.3, {1: 0.1, 2: 0.2, 3: 0.3})
     assert (b.state, b.value, b.intermediate_values) == (PRUNED, 0.05, {1: 0.05})
     assert c.state == optuna.trial.TrialState.FAIL
+
+
+def test_a_completed_trial_is_told_its_best_epoch_not_its_last(tmp_path):
+    """Segsearch ranks trials and keeps checkpoints by their best epoch (search/epochs.py), so
+    Optuna must learn the same score, not Tune's final result's."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    searcher = _searcher(url)
+    searcher.suggest("a")
+    for epoch, miou in ((1, 0.4), (2, 0.6)):
+        searcher.on_trial_result("a", result(epoch, miou))
+    searcher.on_trial_complete("a", result=result(3, 0.3))
+
+    (a,) = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert (a.state, a.value, a.intermediate_values) == (COMPLETE, 0.6, {1: 0.4, 2: 0.6, 3: 0.3})
 
 
 def test_a_restored_searcher_continues_the_same_trials_and_never_pickles_the_url(tmp_path):
@@ -197,6 +211,16 @@ def test_warm_start_configurations_are_the_first_trials_asked(tmp_path):
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert first == {"model.arch": "fcn", "model.fcn_skips": "8s", "optim.lr": 0.02}
     assert second == {"model.arch": "unet", "optim.lr": 0.003}
+
+
+def test_enqueued_configurations_are_asked_first_and_partial_ones_are_completed(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    enqueue = [{"model.arch": "unet", "optim.lr": 0.005}, {"model.arch": "fcn"}]
+    spec = parse_space(space(enqueue=enqueue))
+    searcher = StudySearch(spec=spec, url=url, points_to_evaluate=enqueued_points(spec))
+    first, second = searcher.suggest("a"), searcher.suggest("b")
+    assert first == {"model.arch": "unet", "optim.lr": 0.005}
+    assert second["model.arch"] == "fcn" and set(second) == {*first, "model.fcn_skips"}
 
 
 def test_pictures_come_from_the_study_and_leave_matplotlib_as_it_was(tmp_path):

@@ -21,7 +21,13 @@ from segsearch.search.budget import TrialCosts
 from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress
-from segsearch.search.trial import KeepTrialHistory, TrialContext, trainable, tune_retries
+from segsearch.search.trial import (
+    KeepTrialHistory,
+    TrialContext,
+    config_key,
+    trainable,
+    tune_retries,
+)
 from segsearch.space import RefitSpec, ResourcesSpec
 from segsearch.tracking import RefitPhase, SearchTracker
 from segsearch.values import is_number
@@ -45,6 +51,21 @@ def refit_phase(rows: Sequence[Mapping[str, Any]], refit: RefitSpec, metric: str
     return RefitPhase(epochs=refit.epochs, on=refit.on, sources=sources)
 
 
+def refit_starts(
+    rows: Sequence[Mapping[str, Any]], phase: RefitPhase, refit: RefitSpec, storage: str
+) -> dict[str, str]:
+    """With `from: checkpoint`, each source config's (`config_key`) best-epoch checkpoint URI,
+    which its refit starts from; empty with `from: scratch`."""
+    if refit.start != "checkpoint":
+        return {}
+    checkpoints = {row["trial_id"]: row["checkpoint"] for row in rows if row["checkpoint"]}
+    return {
+        config_key(config): checkpoint_uri(checkpoints[trial_id], storage)
+        for trial_id, config, _ in phase.sources
+        if trial_id in checkpoints
+    }
+
+
 def refit_tuner(
     phase: RefitPhase,
     context: TrialContext,
@@ -55,8 +76,10 @@ def refit_tuner(
     concurrency: int,
     restore: bool,
     echo: Callable[[str], None],
+    starts: Mapping[str, str] | None = None,
 ) -> Any:
-    """The Tuner that trains the phase's configurations for its epochs (on train, or train+val).
+    """The Tuner that trains the phase's configurations for its epochs (on train, or train+val),
+    each from its trial's checkpoint where `starts` (`refit_starts`) has one.
 
     A failed refit trial is retried once as a search's trial is (`tune_retries`, run_trial);
     `--resume` restores an interrupted refit from its own experiment folder.
@@ -65,7 +88,11 @@ def refit_tuner(
 
     splits = ("train",) if phase.held_out else ("train", "val")
     refit_context = replace(
-        context, search_name=f"{name}{REFIT_SUFFIX}", epochs=phase.epochs, train_splits=splits
+        context,
+        search_name=f"{name}{REFIT_SUFFIX}",
+        epochs=phase.epochs,
+        train_splits=splits,
+        start_from=dict(starts or {}),
     )
     function = trainable(refit_context)
     path = refit_path(storage, name)
@@ -75,7 +102,11 @@ def refit_tuner(
             path, trainable=function, resume_unfinished=True, resume_errored=True
         )
     configs = [dict(config) for _, config, _ in phase.sources]
-    echo(f"refit: {len(configs)} best configuration(s) for {phase.epochs} epochs on {phase.on}")
+    start = "their trials' best checkpoints" if starts else "scratch"
+    echo(
+        f"refit: {len(configs)} best configuration(s) for {phase.epochs} epochs on {phase.on}, "
+        f"from {start}"
+    )
     return ray.tune.Tuner(
         function,
         tune_config=ray.tune.TuneConfig(

@@ -213,12 +213,27 @@ class StudySearch(OptunaSearch):
         if not result or error or _epoch(result) >= self._epochs:
             if isinstance(self.metric, list) and result and values_of(result, self.metric) is None:
                 result, error = None, True  # told FAIL: Optuna takes no missing objective
-            super().on_trial_complete(trial_id, result=result, error=error)
+            super().on_trial_complete(
+                trial_id, result=self._best_epoch(trial_id, result), error=error
+            )
             return
         state = optuna.trial.TrialState.PRUNED
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             self._ot_study.tell(self._ot_trials[trial_id], state=state)
         self._completed_trials.add(trial_id)
+
+    def _best_epoch(self, trial_id: str, result: dict | None) -> dict | None:
+        """`result` with its metric replaced by the trial's best epoch's, as segsearch ranks
+        trials and keeps checkpoints (search/epochs.py): read from the study's intermediate
+        values, which survive a resume."""
+        if not result or not isinstance(self.metric, str):
+            return result
+        frozen = self._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+        scores = [v for v in frozen.intermediate_values.values() if not math.isnan(v)]
+        if not scores:
+            return result
+        best = max(scores) if self.mode == "max" else min(scores)
+        return {**result, self.metric: best}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

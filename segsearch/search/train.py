@@ -22,6 +22,7 @@ from segsearch.checkpoint import (
     CONFUSION_FILE,
     OVERLAYS_FILE,
     checkpoint_meta,
+    load_weights,
     restore_checkpoint,
     save_checkpoint,
     unwrap,
@@ -62,7 +63,12 @@ def train(config: dict[str, Any], worker: Worker) -> None:
     its batches come from), `overlay` (a few fixed validation images and masks at the trial's
     image size, for pictures), `launched_at` (when the trial's function started, to report
     start-up time) and `timings` (when each start-up stage before this loop ended, reported
-    with the loop's own in `startup_at`).
+    with the loop's own in `startup_at`) and `start_from` (a refit's trial checkpoint, or None).
+
+    A refit from a checkpoint starts from its weights only, with a fresh optimizer and lr
+    schedule over the refit's epochs (a warm restart): the trial's schedule was sized for the
+    trial's epochs and has decayed by its best epoch, and Adam's moments rebuild in a few steps.
+    Its own checkpoint, once it has one, wins (a resumed refit).
     """
     trial: TrialConfig = config["trial"]
     info: DatasetInfo = config["dataset_info"]
@@ -73,6 +79,8 @@ def train(config: dict[str, Any], worker: Worker) -> None:
     torch.manual_seed(trial.seed + rank)
 
     model = build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
+    if config.get("start_from"):
+        load_weights(config["start_from"], model)
     num_params = count_parameters(model)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)

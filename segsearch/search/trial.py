@@ -4,7 +4,9 @@ checkpoint, bad data is never trained on again."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ class TrialContext:
     #: The splits a trial trains on; with "val" among them (a refit on train+val) nothing is
     #: held out, and the run keeps its latest checkpoints instead of its best.
     train_splits: tuple[str, ...] = ("train",)
+    #: A refit's starting weights: `config_key(config)` → the checkpoint its trial starts from.
+    start_from: dict[str, str] = field(default_factory=dict)
 
     @property
     def held_out(self) -> bool:
@@ -124,14 +128,15 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     timings["imported"] = time.time()
     trial = TrialConfig.from_dict({**nest(config), "epochs": context.epochs})
     trial_id = ray.tune.get_context().get_trial_id()
+    start = context.start_from.get(config_key(config))
     if in_trial_process(context.resources):
-        _train_here(trial, trial_id, context, timings)
+        _train_here(trial, trial_id, context, timings, start)
         return
     from ray.train import TrainingFailedError
 
     for attempt in range(TRAIN_RETRIES + 1):
         try:
-            _trainer(trial, trial_id, context, timings).fit()
+            _trainer(trial, trial_id, context, timings, start).fit()
             return
         except TrainingFailedError as err:
             found = user_error_in(err)
@@ -164,6 +169,7 @@ def _train_here(
     trial_id: str,
     context: TrialContext,
     timings: dict[str, float],
+    start: str | None,
 ) -> None:
     """A one-worker trial in this process, resumed from its RunFolder's last checkpoint.
 
@@ -189,14 +195,18 @@ def _train_here(
         timings["data"] = time.time()
         device = trial_device(context.resources.gpus_per_worker)
         worker = TrialProcessWorker(run=run, device=device)
-        train(_loop_config(trial, context, timings, data, info), worker)
+        train(_loop_config(trial, context, timings, data, info, start), worker)
     except UserError as err:
         run.mark_bad_data(str(err), job)
         raise
 
 
 def _trainer(
-    trial: TrialConfig, trial_id: str, context: TrialContext, timings: dict[str, float]
+    trial: TrialConfig,
+    trial_id: str,
+    context: TrialContext,
+    timings: dict[str, float],
+    start: str | None,
 ) -> Any:
     """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
     import ray.train
@@ -213,7 +223,7 @@ def _trainer(
         resources["GPU"] = wanted.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=_loop_config(trial, context, timings, data, info),
+        train_loop_config=_loop_config(trial, context, timings, data, info, start),
         scaling_config=ray.train.ScalingConfig(
             num_workers=wanted.workers,
             use_gpu=wanted.gpus_per_worker > 0,
@@ -249,9 +259,11 @@ def _loop_config(
     timings: dict[str, float],
     data: TrialData,
     info: DatasetInfo,
+    start: str | None,
 ) -> dict[str, Any]:
     """`train.train`'s config (see there)."""
     return {
+        "start_from": start,
         "trial": trial,
         "dataset": context.dataset.uri,
         "dataset_info": info,
@@ -261,6 +273,11 @@ def _loop_config(
         "timings": dict(timings),
         "measure_cost": context.measure_cost,
     }
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A trial config as text, the same for equal configs (a refit finds its start by it)."""
+    return json.dumps(dict(config), sort_keys=True, default=str)
 
 
 def _runs_folder(context: TrialContext) -> str:

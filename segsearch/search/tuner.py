@@ -48,6 +48,7 @@ from segsearch.search.refit import (
     refit_path,
     refit_phase,
     refit_rows,
+    refit_starts,
     refit_tuner,
     spent,
     training_images,
@@ -67,7 +68,7 @@ from segsearch.search.trial import (
     tune_retries,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import SearchSpec, check_budget, nest, search_image_sizes
+from segsearch.space import SearchSpec, check_budget, enqueued_points, nest, search_image_sizes
 from segsearch.tracking import SearchTracker
 
 #: The parent run's tag that says how the search went against its budget.
@@ -357,6 +358,7 @@ def _refit(
             concurrency=_concurrency(spec, echo),
             restore=restore,
             echo=echo,
+            starts=refit_starts(result.trials, phase, spec.refit, context.storage),
         ),
         tracker,
         trials=len(phase.sources),
@@ -405,14 +407,15 @@ def _finished_study(name: str, url: str, echo: Callable[[str], None]) -> Any:
 def _new_study(
     spec: SearchSpec, url: str, tracking_uri: str | None, echo: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """Check that a new search starts its own study; the warm-start configurations it tries
-    first."""
+    """Check that a new search starts its own study; the configurations it tries first: the
+    space's `enqueue:` ones, then the warm start's."""
     if spec.warm_start and spec.warm_start.search == spec.name:
         raise UserError(f"warm_start: {spec.name!r} is this search; name an earlier one")
     check_new_study(spec.name, url)
     shown = without_password(url)
     echo(f"Optuna: study {spec.name!r} in {shown} (watch it: optuna-dashboard {shown})")
-    return warm_start_points(spec, url, tracking_uri=resolve_tracking_uri(tracking_uri), echo=echo)
+    warm = warm_start_points(spec, url, tracking_uri=resolve_tracking_uri(tracking_uri), echo=echo)
+    return [*enqueued_points(spec), *warm]
 
 
 def _tuner(
@@ -577,35 +580,49 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
         },
         "warm_start": spec.warm_start.model_dump() if spec.warm_start else None,
         "resources": spec.resources.model_dump(),
-        **({"refit": spec.refit.model_dump()} if spec.refit else {}),
+        **({"refit": spec.refit.model_dump(by_alias=True)} if spec.refit else {}),
         **({"budget": spec.budget.describe()} if spec.budget else {}),
     }
 
 
 def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 16) -> None:
-    """Sample the space without Ray and build each trial's parts, so bad values fail up front."""
+    """Build the parts of the space's `enqueue:` configurations and of a sample of the space
+    without Ray, so bad values fail up front (an enqueued one's error names its entry)."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    points = enqueued_points(spec)
+    for point in points:
+        study.enqueue_trial(point)
+    for index in range(len(points) + samples):
+        ot_trial = study.ask()
+        constants = spec.define_by_run(ot_trial)
+        try:
+            _build_trial_parts(nest({**ot_trial.params, **constants}), info)
+        except UserError as err:
+            if index >= len(points):
+                raise
+            raise UserError(f"enqueue[{index}]: {err}") from None
+        study.tell(ot_trial, 0.0)
+
+
+def _build_trial_parts(config: dict[str, Any], info: DatasetInfo) -> None:
+    """A trial config's model, loss and augmentation, built as a trial builds them."""
     from segsearch.data.augment import build_augment
     from segsearch.losses import build_loss
     from segsearch.models import build_model
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for _ in range(samples):
-        ot_trial = study.ask()
-        constants = spec.define_by_run(ot_trial)
-        trial = TrialConfig.from_dict(nest({**ot_trial.params, **constants}))
-        build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
-        build_loss(
-            trial.loss,
-            num_classes=info.num_classes,
-            ignore_index=info.ignore_index,
-            class_pixel_counts=info.class_pixel_counts,
-            class_image_pixels=info.class_image_pixels,
-        )
-        build_augment(trial.aug, ignore_index=info.ignore_index)
-        study.tell(ot_trial, 0.0)
+    trial = TrialConfig.from_dict(config)
+    build_model(trial.model, in_channels=info.channels, num_classes=info.num_classes)
+    build_loss(
+        trial.loss,
+        num_classes=info.num_classes,
+        ignore_index=info.ignore_index,
+        class_pixel_counts=info.class_pixel_counts,
+        class_image_pixels=info.class_image_pixels,
+    )
+    build_augment(trial.aug, ignore_index=info.ignore_index)
 
 
 def _concurrency(spec: SearchSpec, echo: Callable[[str], None]) -> int:

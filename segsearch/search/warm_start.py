@@ -15,7 +15,7 @@ from typing import Any
 from segsearch.errors import UserError
 from segsearch.mlflow_uri import without_password
 from segsearch.search.study import load_study
-from segsearch.space import Param, SearchSpec, WarmStartSpec, flatten_sections
+from segsearch.space import SearchSpec, WarmStartSpec, flatten_sections
 from segsearch.tracking.tags import ROLE, STATUS
 
 
@@ -115,25 +115,7 @@ def fit_to_space(spec: SearchSpec, params: Mapping[str, Any]) -> tuple[dict[str,
         if param.key not in params:
             return {}, f"no value for {param.key}"
         value = params[param.key]
-        if not _contains(param, value):
+        if not param.contains(value):
             return {}, f"{param.key}={value!r} is outside this space"
         chosen[param.key] = fitted[param.key] = value
     return fitted, None
-
-
-def _contains(param: Param, value: Any) -> bool:
-    from optuna.distributions import FloatDistribution, IntDistribution
-
-    if param.kind == "choice":
-        return any(type(value) is type(c) and value == c for c in param.choices)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    if param.kind == "int":
-        dist: Any = IntDistribution(
-            int(param.low), int(param.high), step=int(param.step or 1), log=param.log
-        )
-        if not float(value).is_integer():
-            return False
-    else:
-        dist = FloatDistribution(param.low, param.high, step=param.step, log=param.log)
-    return dist._contains(dist.to_internal_repr(value))
