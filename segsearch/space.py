@@ -476,11 +476,22 @@ def packaged_space(filename: str) -> Path:
     raise UserError(f"{filename}: not found in {folders[0]}; pass a space file explicitly")
 
 
+class _SpaceLoader(yaml.SafeLoader):
+    """YAML's safe loader, with every mapping key read as the text written: YAML 1.1 reads a bare
+    `on` (refit's `on: train`) as the boolean True, and keys in a space are names."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_space(path: str | Path) -> SearchSpec:
     """Read and validate a search-space YAML file; errors name the file and the key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_SpaceLoader)
     except FileNotFoundError:
         raise UserError(f"{path}: search-space file not found") from None
     except yaml.YAMLError as err:

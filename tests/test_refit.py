@@ -22,7 +22,7 @@ from segsearch.search.refit import Compute, checkpoint_uri, spent
 from segsearch.search.tuner import run_search
 from segsearch.serve.predict import load_network
 from segsearch.serve.promote import promote
-from segsearch.space import RefitSpec, ResourcesSpec, parse_refit, parse_space
+from segsearch.space import RefitSpec, ResourcesSpec, load_space, parse_refit, parse_space
 
 TRAIN, VAL, TEST = 12, 4, 3
 
@@ -310,3 +310,15 @@ def test_refit_on_train_and_val_is_scored_on_the_test_split(
     promotion = promote("trainval", model_name="trainval-seg", tracking_uri=uri)
     assert promotion.run_id == refits["1"].info.run_id
     assert (promotion.metric, promotion.value) == ("test_miou", pytest.approx(result.test.miou))
+
+
+def test_a_space_file_may_write_refit_on_as_documented(tmp_path):
+    """YAML 1.1 reads a bare `on` key as the boolean True; the README writes `on: train`."""
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "name: s\nepochs: 1\nrefit: {epochs: 5, on: train+val, from: scratch}\n"
+        "space:\n  optim.lr: {float: [0.001, 0.01]}\n  aug.flip: {choice: [true, false]}\n"
+    )
+    spec = load_space(path)
+    assert spec.refit == RefitSpec(epochs=5, on="train+val", start="scratch")
+    assert spec.space["aug.flip"] == {"choice": [True, False]}
