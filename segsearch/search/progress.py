@@ -9,11 +9,14 @@ from typing import Any
 
 from ray.tune import Callback
 
+from segsearch.search import failover
+
 SHOWN_PARAMS = ("model.arch", "model.depth", "model.width", "model.upsample", "loss.kind")
 
 
 class TrialProgress(Callback):
-    """Prints `trial <id> started | epoch k/E metric=… | stopped early | finished | failed`."""
+    """Prints `trial <id> started | epoch k/E metric=… | stopped early | finished | failed`, and
+    `restarted from …` at the first result after its Train run was started again."""
 
     def __init__(
         self, *, metric: str, epochs: int, echo: Callable[[str], None] | None = None
@@ -21,6 +24,7 @@ class TrialProgress(Callback):
         self.metric = metric
         self.epochs = epochs
         self.echo = echo or print_line
+        self._restarts: dict[str, int] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.echo(f"trial {trial.trial_id} started: {describe(trial.config)}")
@@ -28,6 +32,10 @@ class TrialProgress(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        restarts = result.get(failover.RESTARTS_KEY, 0)
+        if restarts > self._restarts.get(trial.trial_id, 0):
+            self._restarts[trial.trial_id] = restarts
+            self.echo(failover.restart_line(trial.trial_id, result))
         epoch = result.get("training_iteration", "?")
         score = result.get(self.metric, math.nan)
         speed = result.get("images_per_s", math.nan)

@@ -117,6 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             "startup_s": startup_s,
             placement.RESULT_KEY: placement.current_group_id(),
+            placement.NODE_KEY: placement.current_node_id(),
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

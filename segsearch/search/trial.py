@@ -14,6 +14,7 @@ from ray.tune import Callback
 from segsearch.config import TrialConfig
 from segsearch.data.shards import OpenedDataset
 from segsearch.errors import UserError, last_line, user_error_in
+from segsearch.search.failover import TrialReport, failure_reason
 from segsearch.search.progress import print_line
 from segsearch.space import ResourcesSpec, nest
 
@@ -75,9 +76,11 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     trial = TrialConfig.from_dict({**nest(config), "epochs": context.epochs})
     trial_id = ray.tune.get_context().get_trial_id()
+    reason = None
     for attempt in range(TRAIN_RETRIES + 1):
+        report = TrialReport(restarts=attempt, reason=reason)
         try:
-            _trainer(trial, trial_id, context).fit()
+            _trainer(trial, trial_id, context, report).fit()
             return
         except TrainingFailedError as err:
             found = user_error_in(err)
@@ -85,13 +88,13 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 raise UserError(str(found)) from None
             if attempt == TRAIN_RETRIES:
                 raise
+            reason = failure_reason(err)
 
 
-def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
+def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext, report: TrialReport) -> Any:
     """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from segsearch.data.ray_data import load_splits
     from segsearch.search.train import train_loop_per_worker
@@ -114,6 +117,7 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
             num_workers=wanted.workers,
             use_gpu=wanted.gpus_per_worker > 0,
             resources_per_worker=resources,
+            placement_strategy=wanted.placement_strategy,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
@@ -122,7 +126,7 @@ def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext) -> Any:
             storage_path=f"{context.storage.rstrip('/')}/{context.search_name}-train",
             failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
+            callbacks=[report],
         ),
     )
 
