@@ -3,7 +3,8 @@
 A model is two files: `model.pt` (a state_dict) and `trial.json` (how to rebuild it: the meta
 from `checkpoint_meta`). A trial's checkpoint adds `train_state.pt` (optimizer, scheduler, epoch:
 for resuming only), `metrics.json` (the epoch's reported metrics) and the epoch's pictures
-(PICTURE_FILES), which tracking logs to MLflow.
+(PICTURE_FILES) and the trial's reproducibility manifest (`manifest.json`, segsearch.manifest),
+which tracking logs to MLflow.
 
 Loading never unpickles objects: the network is rebuilt from trial.json with `build_model` and the
 tensors are read with `torch.load(weights_only=True)`, so any checkpoint is safe to open.
@@ -30,8 +31,9 @@ METRICS_FILE = "metrics.json"
 OVERLAYS_FILE = "overlays.png"
 CONFUSION_FILE = "confusion.png"
 CLASS_IOU_FILE = "class_iou.csv"
-#: The epoch's pictures and tables, logged to the trial's MLflow run.
-PICTURE_FILES = (OVERLAYS_FILE, CONFUSION_FILE, CLASS_IOU_FILE)
+MANIFEST_FILE = "manifest.json"
+#: The epoch's pictures and tables, and the trial's manifest, logged to the trial's MLflow run.
+PICTURE_FILES = (OVERLAYS_FILE, CONFUSION_FILE, CLASS_IOU_FILE, MANIFEST_FILE)
 #: Files only a resumed trial needs; a logged model leaves them out (the optimizer state is large).
 RESUME_ONLY_FILES = (TRAIN_STATE_FILE,)
 REQUIRED_META = ("model", "in_channels", "num_classes", "classes", "mean", "std", "image_size")
@@ -84,11 +86,15 @@ def save_checkpoint(
     *,
     metrics: dict[str, Any],
     train_state: dict[str, Any],
+    manifest: dict[str, Any] | None = None,
 ) -> None:
-    """A trial's checkpoint of one epoch: the model, its metrics and the state to resume from."""
+    """A trial's checkpoint of one epoch: the model, its metrics, the state to resume from and
+    the trial's manifest."""
     save_model(directory, model, meta)
     (directory / METRICS_FILE).write_text(json.dumps(metrics))
     torch.save(train_state, directory / TRAIN_STATE_FILE)
+    if manifest is not None:
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def restore_checkpoint(directory: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,11 +1,18 @@
-"""UserError, the one exception the CLI turns into a one-line message and exit code 2, and the
-helpers that find that one line inside wrapped errors (Ray tasks, Train workers, MLflow)."""
+"""UserError, the one exception the CLI turns into a one-line message (exit code 2, or 3 for
+ServiceUnavailable), and the helpers that find that one line inside wrapped errors (Ray tasks,
+Train workers, MLflow)."""
 
 from __future__ import annotations
 
 
 class UserError(Exception):
     """Bad input from the user: the message says what is wrong and where, in one line."""
+
+
+class ServiceUnavailable(UserError):
+    """A service segsearch needs did not answer: an S3 endpoint, an MLflow tracking server, a Ray
+    cluster or its dashboard. Worth trying again later, unlike other bad input, so the CLI gives
+    it an exit code of its own (3) for scripts to tell "S3 is down" from a typo."""
 
 
 class DataError(UserError):

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import segsearch
-from segsearch.errors import UserError
+from segsearch.errors import ServiceUnavailable, UserError
 from segsearch.ray_setup import SECRET_ENV, SETTINGS_ENV
 
 #: Never shipped with the package.
@@ -346,7 +346,7 @@ def follow(job_id: str, *, address: str, echo: Echo = print, check: bool = True)
         try:
             asyncio.run(_tail(client, job_id, echo))
         except KeyboardInterrupt:
-            raise UserError(
+            raise KeyboardInterrupt(
                 f"stopped following job {job_id}; it keeps running (`segsearch stop {job_id}` "
                 "ends it)"
             ) from None
@@ -411,7 +411,7 @@ def _connected(address: str):
     except AuthenticationError as err:
         raise UserError(_auth_message(address, str(err))) from None
     except (ConnectionError, requests.exceptions.ConnectionError) as err:
-        raise UserError(
+        raise ServiceUnavailable(
             f"Ray dashboard at {address} stopped answering: {_whitespace_collapsed(err)}"
         ) from None
 
@@ -425,7 +425,7 @@ def _probe(address: str) -> None:
             return
     except OSError as err:
         reason = err.strerror or type(err).__name__
-    raise UserError(
+    raise ServiceUnavailable(
         f"cannot reach the Ray dashboard at {address} ({reason}): is the cluster up and its "
         "dashboard port (8265) reachable or forwarded?"
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from segsearch.validation import Section, number, validate
 
 __all__ = [
     "LOSSES",
+    "WEIGHTINGS",
     "LossConfig",
     "SegLoss",
     "border_weight_map",
@@ -45,17 +46,29 @@ DEFAULT_EPS = 1e-6
 TRUNCATE = 6.0
 
 
+Weighting = Literal["inverse", "log", "median"]
+#: The class weightings of `class_balance_weights`.
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+#: ENet's constant c in w = 1 / ln(c + p): it bounds a weight by 1 / ln(1.02) ≈ 50.5.
+ENET_C = 1.02
+
+
 def class_balance_weights(
-    counts: Sequence[int] | np.ndarray, *, method: str = "median"
+    counts: Sequence[int] | np.ndarray,
+    *,
+    method: str = "median",
+    image_pixels: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-class weights from pixel counts, so rare classes are not drowned by frequent ones.
 
-    `median`: median frequency balancing (Eigen & Fergus), w_c = median_f / f_c over the classes
-    that occur. `inverse`: w_c = N / (K·n_c) with K the classes that occur (frequency-weighted mean
-    1). From dataset-wide counts both are 1/f_c times a constant, so under `cross_entropy`'s
-    weighted mean they give the same loss; they differ in scale only. A class with 0 pixels gets
-    the largest weight of the others: it cannot occur in targets the counts describe, and if it
-    does it is treated as the rarest class, never as inf or NaN.
+    `median`: median frequency balancing (Eigen & Fergus 2015), w_c = median_f / f_c with
+    f_c = n_c / `image_pixels`[c], the pixels of class c over the pixels of the images where c
+    occurs; the median is taken over the classes that occur. A class confined to few images is
+    then not as rare as its dataset-wide share says, which is what sets it apart from `inverse`.
+    `inverse`: w_c = N / (K·n_c) with K the classes that occur (frequency-weighted mean 1).
+    `log`: ENet's w_c = 1 / ln(1.02 + p_c), p_c = n_c / N, bounded by about 50.5. A class with
+    0 pixels gets the largest weight of the others: it cannot occur in targets the counts
+    describe, and if it does it is treated as the rarest class, never as inf or NaN.
     """
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 1 or (counts < 0).any():
@@ -65,17 +78,34 @@ def class_balance_weights(
     present = counts > 0
     if not present.any():
         raise ValueError("pixel counts are all zero: no class to balance")
-    freq = counts / counts.sum()
     if method == "median":
-        scale = np.median(freq[present])
+        freq = counts / _image_pixels(counts, image_pixels)
+        weights = np.median(freq[present]) / np.where(present, freq, 1.0)
     elif method == "inverse":
-        scale = 1.0 / present.sum()
+        weights = counts.sum() / (present.sum() * np.where(present, counts, 1.0))
+    elif method == "log":
+        weights = 1.0 / np.log(ENET_C + counts / counts.sum())
     else:
-        raise ValueError(f"unknown class weighting {method!r}; choose from ['inverse', 'median']")
-    weights = np.zeros_like(freq)
-    weights[present] = scale / freq[present]
+        raise ValueError(f"unknown class weighting {method!r}; choose from {list(WEIGHTINGS)}")
     weights[~present] = weights[present].max()
     return weights.astype(np.float32)
+
+
+def _image_pixels(
+    counts: np.ndarray, image_pixels: Sequence[int] | np.ndarray | None
+) -> np.ndarray:
+    """Checked `image_pixels` for median frequency, 1 where a class has no pixels."""
+    if image_pixels is None:
+        raise ValueError(
+            "median frequency needs image_pixels: the pixels of the images where each class occurs"
+        )
+    pixels = np.asarray(image_pixels, dtype=np.float64)
+    if pixels.shape != counts.shape or (pixels < counts).any():
+        raise ValueError(
+            f"image_pixels must give each of the {len(counts)} classes at least its own pixels "
+            f"{counts.astype(np.int64).tolist()}, got {pixels.tolist()}"
+        )
+    return np.where(counts > 0, pixels, 1.0)
 
 
 def border_weight_map(
@@ -104,7 +134,9 @@ def border_weight_map(
     if not labels.size:
         return np.zeros(mask.shape, dtype=np.float32)
     if class_weights is None:
-        class_w = class_balance_weights(np.bincount(labels))
+        counts = np.bincount(labels)
+        # One image: every class that occurs occurs in all of its labelled pixels.
+        class_w = class_balance_weights(counts, image_pixels=np.full_like(counts, labels.size))
     else:
         class_w = np.asarray(class_weights, dtype=np.float32)
     if labels.max() >= len(class_w):
@@ -278,6 +310,7 @@ class _Context:
     num_classes: int
     ignore_index: int
     class_pixel_counts: Sequence[int] | None
+    class_image_pixels: Sequence[int] | None
 
 
 class CELoss(Section):
@@ -290,10 +323,10 @@ class CELoss(Section):
 
 
 class WeightedCELoss(Section):
-    """Cross-entropy with class weights from the dataset's pixel counts (dataset.json)."""
+    """Cross-entropy with class weights from the dataset's statistics (dataset.json)."""
 
     kind: Literal["weighted_ce"] = "weighted_ce"
-    weighting: Literal["inverse", "median"] = "median"
+    weighting: Weighting = "median"
 
     def build(self, ctx: _Context) -> SegLoss:
         counts = ctx.class_pixel_counts
@@ -307,8 +340,19 @@ class WeightedCELoss(Section):
                 f"class_pixel_counts must be {ctx.num_classes} non-negative counts, not all 0; "
                 f"got {list(counts)}"
             )
-        weights = torch.from_numpy(class_balance_weights(counts, method=self.weighting))
-        return SegLoss(ignore_index=ctx.ignore_index, class_weights=weights)
+        if self.weighting == "median" and ctx.class_image_pixels is None:
+            raise UserError(
+                "loss weighting median needs class_image_pixels (the pixels of the train images "
+                "where each class occurs), which datasets ingested before format segsearch/v3 "
+                "lack: re-ingest the dataset, or use weighting inverse or log"
+            )
+        try:
+            weights = class_balance_weights(
+                counts, method=self.weighting, image_pixels=ctx.class_image_pixels
+            )
+        except ValueError as err:
+            raise UserError(f"class_image_pixels: {err}") from None
+        return SegLoss(ignore_index=ctx.ignore_index, class_weights=torch.from_numpy(weights))
 
 
 class BorderCELoss(Section):
@@ -418,13 +462,15 @@ def build_loss(
     num_classes: int,
     ignore_index: int = 255,
     class_pixel_counts: Sequence[int] | None = None,
+    class_image_pixels: Sequence[int] | None = None,
 ) -> SegLoss:
     """The trial's loss from its `loss` section: `kind` (default ce) plus that kind's options.
 
-    ce: none. weighted_ce: weighting (median | inverse); needs `class_pixel_counts` (from
-    dataset.json). border_ce: w0 (10), sigma (5), foreground_classes (all but 0). dice,
-    dice_squared: eps (1e-6). ce_dice: ce_weight (1), dice_weight (1), dice (dice | dice_squared),
-    eps. An unknown kind or option is a UserError listing the valid ones.
+    ce: none. weighted_ce: weighting (median | inverse | log); needs `class_pixel_counts`, and
+    for median `class_image_pixels` (both from dataset.json). border_ce: w0 (10), sigma (5),
+    foreground_classes (all but 0). dice, dice_squared: eps (1e-6). ce_dice: ce_weight (1),
+    dice_weight (1), dice (dice | dice_squared), eps. An unknown kind or option is a UserError
+    listing the valid ones.
     """
     cfg = validate(LossConfig, loss_cfg, section="loss")
-    return cfg.build(_Context(num_classes, ignore_index, class_pixel_counts))
+    return cfg.build(_Context(num_classes, ignore_index, class_pixel_counts, class_image_pixels))

@@ -8,7 +8,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from segsearch.errors import UserError
+from segsearch.errors import ServiceUnavailable, UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -23,7 +23,8 @@ def resolve_tracking_uri(value: str | None) -> str:
 
 
 def check_tracking_server(uri: str, *, timeout_s: float = 10.0, existing: bool = False) -> None:
-    """Fail in seconds with a UserError when an http(s) tracking server does not answer /health.
+    """Fail in seconds with ServiceUnavailable when an http(s) tracking server does not answer
+    /health.
 
     MLflow's own client retries a dead server for minutes before it gives up; this check runs
     first so a wrong URI or a stopped server is one clear line. With `existing` (commands that
@@ -48,7 +49,7 @@ def check_tracking_server(uri: str, *, timeout_s: float = 10.0, existing: bool =
         problem = f"HTTP {err.code}"
     except (urllib.error.URLError, OSError) as err:
         problem = str(getattr(err, "reason", err))
-    raise UserError(
+    raise ServiceUnavailable(
         f"MLflow tracking server {without_password(uri)} is unreachable ({problem}); start it or "
         "pass another --tracking-uri / MLFLOW_TRACKING_URI"
     )

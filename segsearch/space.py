@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from segsearch.errors import UserError
 from segsearch.values import is_number
@@ -17,6 +17,8 @@ from segsearch.values import is_number
 Scalar = str | int | float | bool | None
 SECTIONS = ("model", "loss", "optim", "aug")
 TOP_LEVEL_KEYS = ("batch_size", "image_size", "seed")
+#: Configurations of the earlier search a warm start tries first, unless `top_k` says.
+DEFAULT_WARM_TOP_K = 3
 
 
 class _Strict(BaseModel):
@@ -25,13 +27,32 @@ class _Strict(BaseModel):
 
 class SchedulerSpec(_Strict):
     kind: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(default=1, ge=1)
+    grace_period: int | None = Field(default=None, ge=1)
     reduction_factor: float = Field(default=3, gt=1)
+
+    def grace_for(self, epochs: int) -> int:
+        """ASHA's first rung: as given, else a third of the epochs and never before epoch 2, so
+        trials are compared after the first epochs in which every model predicts background."""
+        grace = self.grace_period or max(2, math.ceil(epochs / 3))
+        return min(grace, epochs)
 
 
 class SamplerSpec(_Strict):
     kind: Literal["tpe", "random"] = "tpe"
     seed: int | None = 0
+    startup_trials: int | None = Field(default=None, ge=1)
+
+    def startup_for(self, trials: int) -> int:
+        """Random trials before TPE models the results: as given, else a third of the trials
+        between 2 and Optuna's own 10 (with 10, a search of 10 trials or fewer is random)."""
+        return self.startup_trials or min(10, max(2, trials // 3))
+
+
+class WarmStartSpec(_Strict):
+    """Start with the best `top_k` configurations of an earlier search that fit this space."""
+
+    search: str = Field(min_length=1)
+    top_k: int = Field(default=DEFAULT_WARM_TOP_K, ge=1)
 
 
 class ResourcesSpec(_Strict):
@@ -51,6 +72,18 @@ class ResourcesSpec(_Strict):
         return self.placement.upper()
 
 
+class RefitSpec(_Strict):
+    """Train the search's best configurations again at full fidelity, after the search.
+
+    `on: train+val` trains on both splits: the refit then has no held-out val score, and its
+    model is the last epoch's.
+    """
+
+    epochs: int = Field(ge=1)
+    top_k: int = Field(default=1, ge=1)
+    on: Literal["train", "train+val"] = "train"
+
+
 class SearchSpec(_Strict):
     """A whole search-space file; `space` holds the parameters as `Param`s in file order."""
 
@@ -62,9 +95,16 @@ class SearchSpec(_Strict):
     epochs: int = Field(default=10, ge=1)
     scheduler: SchedulerSpec = SchedulerSpec()
     sampler: SamplerSpec = SamplerSpec()
+    warm_start: WarmStartSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    refit: RefitSpec | None = None
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _warm_start_by_name(cls, value: Any) -> Any:
+        return {"search": value} if isinstance(value, str) else value
 
     @property
     def params(self) -> list[Param]:
@@ -79,8 +119,11 @@ class SearchSpec(_Strict):
         return flatten_sections(self.fixed)
 
     def with_overrides(self, **overrides: Any) -> SearchSpec:
-        """A copy with CLI overrides (trials, epochs, name) applied where given."""
+        """A copy with CLI overrides (trials, epochs, name, warm_start) applied where given."""
         given = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(given.get("warm_start"), str):
+            top_k = self.warm_start.top_k if self.warm_start else DEFAULT_WARM_TOP_K
+            given["warm_start"] = WarmStartSpec(search=given["warm_start"], top_k=top_k)
         return self.model_copy(update=given)
 
 
@@ -108,6 +151,24 @@ class Param:
                 self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
             )
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+
+def parse_refit(text: str) -> RefitSpec:
+    """`--refit EPOCHS[:TOP_K[:ON]]` (e.g. `30`, `30:2`, `30:1:train+val`) as a RefitSpec."""
+    parts = text.split(":")
+    rule = "give EPOCHS[:TOP_K[:train|train+val]], e.g. 30:2:train+val"
+    if len(parts) > 3 or not all(p.strip() for p in parts):
+        raise UserError(f"--refit {text!r}: {rule}")
+    fields: dict[str, Any] = {"on": parts[2].strip()} if len(parts) == 3 else {}
+    for name, part in zip(("epochs", "top_k"), parts[:2], strict=False):
+        if not part.strip().isdigit():
+            raise UserError(f"--refit {text!r}: {name} must be a whole number; {rule}")
+        fields[name] = int(part)
+    try:
+        return RefitSpec.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"--refit {text!r}: {first['loc'][0]}: {first['msg']}") from None
 
 
 def parse_param(key: str, spec: Any) -> Param:
@@ -187,6 +248,16 @@ def _parse_when(where: str, when: Any) -> tuple[tuple[str, tuple[Scalar, ...]], 
         values = tuple(value) if isinstance(value, list) else (value,)
         parsed.append((str(key), values))
     return tuple(parsed)
+
+
+def search_image_sizes(spec: SearchSpec) -> set[tuple[int, int] | None]:
+    """Every image_size a trial of `spec` can train at: the fixed one; None for each image's own
+    size (none fixed) or for a size drawn from the space (no fixed list of sizes)."""
+    from segsearch.config import check_image_size
+
+    if any(param.key == "image_size" for param in spec.params):
+        return {None}
+    return {check_image_size(spec.fixed.get("image_size"))}
 
 
 def flatten_sections(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from segsearch.ray_setup import LOCAL_NUM_CPUS
-from segsearch.search.capacity import TRIAL_DRIVER_CPUS, capacity_problem
+from segsearch.search.capacity import (
+    TRIAL_DRIVER_CPUS,
+    capacity_problem,
+    trial_cpus,
+    trial_resources,
+)
 from segsearch.search.tuner import DATA_CPU_RESERVE, trial_concurrency
 from segsearch.space import ResourcesSpec, load_space
 
@@ -48,9 +53,13 @@ def test_an_autoscaler_that_can_add_a_gpu_node_lets_the_search_wait_for_it() -> 
 
 
 def test_a_trial_that_leaves_no_cpu_for_its_data_is_refused() -> None:
-    """1 CPU for the driver + 7 for the worker take all 8: Ray Data's tasks would wait forever."""
-    problem = capacity_problem(ResourcesSpec(cpus_per_worker=7), live=LAPTOP)
+    """One worker of 8 CPUs, or 1 CPU for the driver + 2 workers of 3.5, take all 8: Ray Data's
+    tasks would wait forever."""
+    problem = capacity_problem(ResourcesSpec(cpus_per_worker=8), live=LAPTOP)
     assert problem is not None and "for reading data" in problem
+    problem = capacity_problem(ResourcesSpec(workers=2, cpus_per_worker=3.5), live=LAPTOP)
+    assert problem is not None and "1 CPU for its driver" in problem
+    assert capacity_problem(ResourcesSpec(cpus_per_worker=7), live=LAPTOP) is None
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
@@ -65,7 +74,7 @@ def test_the_local_default_cannot_starve_the_data_stream(path: Path) -> None:
     if capacity_problem(resources, live=LAPTOP) is not None:
         return
     trials, _ = trial_concurrency(spec, LAPTOP[0])
-    held = trials * (TRIAL_DRIVER_CPUS + resources.workers * resources.cpus_per_worker)
+    held = trials * trial_cpus(resources)
     assert held + DATA_CPU_RESERVE <= LOCAL_NUM_CPUS
 
 
@@ -73,7 +82,7 @@ def test_a_max_concurrent_that_would_starve_the_data_stream_is_capped_with_a_not
     """4 trials x (1 CPU driver + 1 CPU worker) took all 8 CPUs: Ray Data's tasks never ran."""
     spec = load_space(SPACES[0])
     spec = spec.model_copy(
-        update={"max_concurrent": 4, "resources": ResourcesSpec(workers=1, cpus_per_worker=1)}
+        update={"max_concurrent": 4, "resources": ResourcesSpec(workers=1, cpus_per_worker=2)}
     )
     trials, notice = trial_concurrency(spec, LAPTOP[0])
     assert trials == 3
@@ -82,6 +91,19 @@ def test_a_max_concurrent_that_would_starve_the_data_stream_is_capped_with_a_not
         "cluster's 8 for reading data"
     )
     assert trial_concurrency(spec.model_copy(update={"max_concurrent": 3}), LAPTOP[0]) == (3, None)
+
+
+def test_a_trial_holds_its_driver_cpu_only_beside_train_workers() -> None:
+    """A one-worker trial trains in its Tune process (its worker's CPUs); a multi-worker one
+    holds 1 CPU for its driver beside its Train workers."""
+    assert trial_cpus(ResourcesSpec(workers=1, cpus_per_worker=1)) == 1
+    assert trial_resources(ResourcesSpec(workers=1, cpus_per_worker=2, gpus_per_worker=1)) == {
+        "cpu": 2,
+        "gpu": 1,
+    }
+    two = ResourcesSpec(workers=2, cpus_per_worker=1)
+    assert trial_cpus(two) == TRIAL_DRIVER_CPUS + 2
+    assert trial_resources(two) is None
 
 
 def test_max_concurrent_is_kept_where_an_autoscaler_adds_nodes() -> None:

@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 import ray
 import ray.autoscaler
-import torch
 import yaml
 
+import segsearch
 from segsearch.cli import main
 from segsearch.jobs import STORAGE_ENV, TRACKING_ENV, check_cluster_environment
 from segsearch.ray_setup import SECRET_ENV
@@ -21,7 +21,6 @@ from segsearch.space import parse_space
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 RAY_VERSION = ray.__version__
-TORCH_VERSION = torch.__version__.split("+")[0]
 
 
 def load_docs(path: Path) -> dict[str, dict]:
@@ -76,16 +75,23 @@ def test_aws_config_has_a_cpu_head_and_autoscaling_gpu_workers(aws):
         assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn)
 
 
-def test_aws_config_installs_segsearch_on_rays_images_with_token_auth(aws):
+def check_images(head: str, worker: str) -> None:
+    """The Dockerfile's two variants of this segsearch release, from one repository."""
+    dockerfile = (CLUSTER.parent / "Dockerfile").read_text()
+    repository = head.rpartition(":")[0]
+    assert head == f"{repository}:{segsearch.__version__}-cpu"
+    assert worker == f"{repository}:{segsearch.__version__}-gpu"
+    for image, build_arg in ((head, ""), (worker, " --build-arg VARIANT=gpu")):
+        tag = image.rpartition("/")[2]
+        assert f"docker build -t {tag}{build_arg} ." in dockerfile
+
+
+def test_aws_config_runs_the_segsearch_images_with_token_auth(aws):
     docker = aws["docker"]
-    for image in (docker["head_image"], docker["worker_image"]):
-        assert image.startswith(f"rayproject/ray:{RAY_VERSION}-py311-")
-    assert docker["worker_image"].endswith("-gpu")
-    for commands in (aws["head_setup_commands"], aws["worker_setup_commands"]):
-        assert any(f"torch=={TORCH_VERSION}" in c for c in commands)
-        assert commands[-1].endswith("/home/ray/segsearch-dist/segsearch-*.whl")
-    assert aws["file_mounts"]["/home/ray/segsearch-dist"] == "./dist"
-    assert aws["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    check_images(docker["head_image"], docker["worker_image"])
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert aws[key] == [], "the image has everything; nothing is installed at start-up"
+    assert aws["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
     for commands in (aws["head_start_ray_commands"], aws["worker_start_ray_commands"]):
         [start] = [c for c in commands if "ray start" in c]
         assert "export RAY_AUTH_MODE=token;" in start
@@ -113,8 +119,7 @@ def check_cluster_spec(spec: dict) -> dict:
     assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # KubeRay: strings
     assert head["rayStartParams"]["num-cpus"] == "0"
     [head_container] = head["template"]["spec"]["containers"]
-    image = head_container["image"]
-    assert image and "nvidia.com/gpu" not in head_container["resources"]["limits"]
+    assert "nvidia.com/gpu" not in head_container["resources"]["limits"]
     assert {p["containerPort"] for p in head_container["ports"]} >= {6379, 8265}
     assert spec["workerGroupSpecs"]
     for group in spec["workerGroupSpecs"]:
@@ -122,7 +127,7 @@ def check_cluster_spec(spec: dict) -> dict:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         assert isinstance(group["rayStartParams"], dict)
         [worker] = group["template"]["spec"]["containers"]
-        assert worker["image"] == image
+        check_images(head_container["image"], worker["image"])
         resources = worker["resources"]
         assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]

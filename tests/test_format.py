@@ -10,7 +10,14 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from segsearch.data.format import FORMAT, FORMAT_V1, DatasetInfo, read_dataset_info, shard_paths
+from segsearch.data.format import (
+    FORMAT,
+    FORMAT_V1,
+    FORMAT_V2,
+    DatasetInfo,
+    read_dataset_info,
+    shard_paths,
+)
 from segsearch.data.images import decode_image, encode_png, read_image_file, read_mask_file
 from segsearch.data.storage import filesystem_for
 from segsearch.errors import UserError
@@ -22,6 +29,9 @@ GOOD = {
     "channels": 3,
     "splits": {"train": 8, "val": 2},
     "class_pixel_counts": [100, 28],
+    # 8 train images of 16 pixels: class 0 in all of them, class 1 in 5.
+    "class_image_counts": [8, 5],
+    "class_image_pixels": [128, 80],
     "mean": [0.5, 0.4, 0.3],
     "std": [0.2, 0.2, 0.1],
     "shards": {
@@ -29,7 +39,9 @@ GOOD = {
         "val": ["val/part-0123456789ab-00000.parquet"],
     },
 }
-V1 = {k: v for k, v in GOOD.items() if k != "shards"} | {"format": FORMAT_V1}
+PRESENCE = ("class_image_counts", "class_image_pixels")
+V2 = {k: v for k, v in GOOD.items() if k not in PRESENCE} | {"format": FORMAT_V2}
+V1 = {k: v for k, v in V2.items() if k != "shards"} | {"format": FORMAT_V1}
 
 
 def test_info_round_trips_through_json() -> None:
@@ -54,6 +66,14 @@ def test_info_round_trips_through_json() -> None:
         ("splits", {"train": 8, "val": -1}),
         ("class_pixel_counts", [1]),
         ("class_pixel_counts", [1, -2]),
+        ("class_image_counts", None),
+        ("class_image_counts", [8]),
+        ("class_image_counts", [9, 5]),
+        ("class_image_counts", [8, 0]),
+        ("class_image_pixels", None),
+        ("class_image_pixels", [128, 20]),
+        ("class_image_pixels", [128, 129]),
+        ("class_image_pixels", [128, 0]),
         ("mean", [0.5]),
         ("mean", [0.5, 0.5, 1.5]),
         ("std", [0.1, 0.1, None]),
@@ -104,6 +124,15 @@ def test_v1_dataset_has_no_shard_list_and_its_shards_are_listed(tmp_path) -> Non
     fs, root = filesystem_for(str(tmp_path))
     found = [path.rsplit("/", 1)[1] for path in shard_paths(fs, root, "train")]
     assert found == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_v2_dataset_loads_without_image_presence() -> None:
+    """Datasets written before dataset.json recorded where classes occur still load; median
+    weighting then asks for a re-ingest (tests/test_losses.py)."""
+    info = DatasetInfo.from_dict(V2)
+    assert info.format == FORMAT_V2 and info.shards is not None
+    assert info.class_image_counts is None and info.class_image_pixels is None
+    assert json.loads(info.to_json()) == V2
 
 
 def test_v2_shards_come_from_dataset_json_not_the_folder(tmp_path) -> None:

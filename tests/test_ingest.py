@@ -24,6 +24,7 @@ from segsearch.data.images import decode_image, decode_mask
 from segsearch.data.ingest import ingest, write_dataset
 from segsearch.data.storage import filesystem_for
 from segsearch.errors import UserError
+from segsearch.losses import build_loss
 
 CLASSES = "background,cell,border"
 
@@ -65,9 +66,9 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def assert_refused(code: int, stderr: str, *names: str) -> None:
-    """Exit code 2 and one line on stderr naming each of `names`."""
-    assert code == 2, stderr
+def assert_refused(code: int, stderr: str, *names: str, exit_code: int = 2) -> None:
+    """Exit code 2 (or `exit_code`) and one line on stderr naming each of `names`."""
+    assert code == exit_code, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for name in names:
@@ -111,6 +112,13 @@ def to_v1(dest: Path) -> None:
     (dest / "dataset.json").write_text(json.dumps({**info, "format": "segsearch/v1"}))
 
 
+def to_v2(dest: Path) -> None:
+    """Make a local dataset look as ingest wrote it before dataset.json recorded image presence."""
+    info = json.loads((dest / "dataset.json").read_text())
+    del info["class_image_counts"], info["class_image_pixels"]
+    (dest / "dataset.json").write_text(json.dumps({**info, "format": "segsearch/v2"}))
+
+
 def break_last_pair(images: Path, masks: Path, fault: str) -> str:
     """Spoil the pair ingest reads last ("9" in stem order of 0..29); returns the culprit."""
     if fault == "truncated image":
@@ -134,6 +142,7 @@ def test_local_round_trip_is_pixel_exact_with_statistics(tmp_path) -> None:
     train, val = read_rows(dest, "train"), read_rows(dest, "val")
     assert sorted(train) + sorted(val) != [] and not set(train) & set(val)
     pixels, counts = [], np.zeros(3, dtype=np.int64)
+    image_counts, image_pixels = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64)
     for split_rows in (train, val):
         for sample_id, row in split_rows.items():
             source = np.asarray(Image.open(images / f"{sample_id}.png"))
@@ -144,8 +153,13 @@ def test_local_round_trip_is_pixel_exact_with_statistics(tmp_path) -> None:
             if split_rows is train:
                 pixels.append(source.reshape(-1, 3) / 255)
                 counts += np.bincount(mask.ravel(), minlength=3)
+                for c in np.unique(mask):
+                    image_counts[c] += 1
+                    image_pixels[c] += mask.size
     pixels = np.concatenate(pixels)
     assert info.class_pixel_counts == tuple(counts.tolist())
+    assert info.class_image_counts == tuple(image_counts.tolist())
+    assert info.class_image_pixels == tuple(image_pixels.tolist())
     assert np.allclose(info.mean, pixels.mean(0), atol=1e-6)
     assert np.allclose(info.std, pixels.std(0), atol=1e-6)
 
@@ -295,8 +309,37 @@ def test_write_dataset_from_arrays(tmp_path) -> None:
     info = write_dataset(str(tmp_path / "ds"), iter(samples), classes=["a", "b"])
     assert info.splits == {"train": 2, "val": 1} and info.channels == 1
     assert info.class_pixel_counts == (30, 30)
+    assert info.class_image_counts == (1, 1) and info.class_image_pixels == (30, 30)
     with pytest.raises(UserError, match="already holds a dataset"):
         write_dataset(str(tmp_path / "ds"), samples, classes=["a", "b"])
+
+
+def test_image_presence_gives_median_frequency_weights(tmp_path) -> None:
+    """dataset.json records, per class, the labelled pixels of the train images where it occurs:
+    Eigen & Fergus's median frequency balancing needs them, dataset-wide counts do not suffice."""
+    masks = {
+        ("train", "a"): [[0, 0], [0, 255]],  # 3 labelled pixels
+        ("train", "b"): [[0, 1], [1, 1]],
+        ("train", "c"): [[2, 2], [2, 2]],
+        ("val", "d"): [[1, 1], [2, 2]],  # val does not count
+    }
+    samples = [
+        (split, sample_id, np.zeros((2, 2, 1), np.uint8), np.array(mask, np.uint8))
+        for (split, sample_id), mask in masks.items()
+    ]
+    info = write_dataset(str(tmp_path / "ds"), samples, classes=["x", "y", "z"])
+    assert info.class_pixel_counts == (4, 3, 4)
+    assert info.class_image_counts == (2, 1, 1)
+    assert info.class_image_pixels == (3 + 4, 4, 4)
+    assert read_dataset_info(str(tmp_path / "ds")) == info
+    loss = build_loss(
+        {"kind": "weighted_ce", "weighting": "median"},
+        num_classes=3,
+        class_pixel_counts=info.class_pixel_counts,
+        class_image_pixels=info.class_image_pixels,
+    )
+    # freq = 4/7, 3/4, 4/4; median 3/4
+    assert loss.class_weights.tolist() == pytest.approx([0.75 * 7 / 4, 1.0, 0.75])
 
 
 @pytest.mark.parametrize(
@@ -482,7 +525,7 @@ def test_unreachable_endpoint_names_it_not_the_secret(tmp_path, monkeypatch) -> 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "top-secret-value")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     code, _, err = run_cli(str(images), str(masks), "s3://somebucket/ds", "--classes", CLASSES)
-    assert_refused(code, err, endpoint, "somebucket", "cannot reach")
+    assert_refused(code, err, endpoint, "somebucket", "cannot reach", exit_code=3)
     assert "top-secret-value" not in err
 
 
@@ -546,3 +589,16 @@ def test_s3_failure_mid_way_leaves_no_objects(tmp_path, s3_endpoint, s3_bucket) 
         ingest(images, masks, f"s3://{s3_bucket}/ds", classes=CLASSES, shard_size_mb=0.002)
     listing = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket)
     assert listing.get("KeyCount", 0) == 0, listing.get("Contents")
+
+
+def test_v2_dataset_with_median_weighting_asks_for_a_re_ingest_before_ray_starts(tmp_path) -> None:
+    images, masks = make_pairs(tmp_path, n=4)
+    dest = tmp_path / "ds"
+    ingest(images, masks, str(dest), classes=CLASSES)
+    to_v2(dest)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "name: old\nfixed: {loss.kind: weighted_ce}\nspace: {optim.lr: {float: [0.001, 0.01]}}\n"
+    )
+    result = CliRunner().invoke(main, ["search", str(space), "--dataset", str(dest)])
+    assert_refused(result.exit_code, result.stderr, "weighting median", "re-ingest")

@@ -283,7 +283,7 @@ def test_secrets_for_the_job_are_named_with_where_they_will_show(tmp_path, monke
         assert "aws-secret-never-printed" not in out.output and "hunter22" not in out.output
 
 
-def test_unreachable_address_is_one_line_and_exit_2(tmp_path):
+def test_unreachable_address_is_one_line_and_exit_3(tmp_path):
     space = write_space(tmp_path / "space.yaml")
     address = f"http://127.0.0.1:{free_port()}"
     env = client_environ()
@@ -292,7 +292,7 @@ def test_unreachable_address_is_one_line_and_exit_2(tmp_path):
         ["logs", "raysubmit_x", "--address", address, "--follow"],
     ):
         out = segsearch_cli(*args, env=env, timeout=60)
-        assert out.returncode == 2, out
+        assert out.returncode == 3, out
         assert out.stderr.count("\n") == 1, out.stderr
         assert out.stderr.startswith(f"error: cannot reach the Ray dashboard at {address}")
 

@@ -6,6 +6,7 @@ code under test.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -82,7 +83,9 @@ def test_ignored_pixels_change_nothing(kind):
 @pytest.mark.parametrize("kind", LOSSES.names())
 def test_all_ignored_batch_gives_zero_not_nan(kind):
     logits = torch.randn(2, 3, 4, 5, requires_grad=True)
-    loss = build_loss({"kind": kind}, num_classes=3, class_pixel_counts=[1, 2, 3])
+    loss = build_loss(
+        {"kind": kind}, num_classes=3, class_pixel_counts=[1, 2, 3], class_image_pixels=[6, 6, 6]
+    )
     value = loss(logits, torch.full((2, 4, 5), IGNORE))
     value.backward()
     assert value.item() == 0.0
@@ -98,40 +101,106 @@ def test_ce_gradient_is_softmax_minus_truth_over_valid_pixels():
     assert torch.allclose(logits.grad.reshape(2, 3), expected, atol=1e-6)
 
 
-def test_median_frequency_weights():
-    # frequencies 0.6, 0.3, 0.1; median 0.3.
-    assert class_balance_weights([600, 300, 100]) == pytest.approx([0.5, 1.0, 3.0])
+# Class 2 occurs in few images: 100 of the 200 pixels of the images where it occurs.
+COUNTS = [600, 300, 100]
+IMAGE_PIXELS = [1000, 1000, 200]
+
+
+def test_median_frequency_weights_count_only_images_where_the_class_occurs():
+    # Eigen & Fergus: freq = 600/1000, 300/1000, 100/200 = 0.6, 0.3, 0.5; median 0.5.
+    weights = class_balance_weights(COUNTS, image_pixels=IMAGE_PIXELS)
+    assert weights == pytest.approx([0.5 / 0.6, 0.5 / 0.3, 1.0])
+    # Every class in every image: freq is the dataset frequency 0.6, 0.3, 0.1; median 0.3.
+    assert class_balance_weights(COUNTS, image_pixels=[1000] * 3) == pytest.approx([0.5, 1, 3])
+
+
+def test_inverse_and_log_weights():
     # N / (K·n_c) = 1000 / (3·n_c)
-    inverse = class_balance_weights([600, 300, 100], method="inverse")
+    inverse = class_balance_weights(COUNTS, method="inverse")
     assert inverse == pytest.approx([1000 / 1800, 1000 / 900, 1000 / 300])
+    # ENet: 1 / ln(1.02 + p) with p the dataset frequency 0.6, 0.3, 0.1.
+    log = class_balance_weights(COUNTS, method="log")
+    assert log == pytest.approx([1 / math.log(1.62), 1 / math.log(1.32), 1 / math.log(1.12)])
+
+
+def test_median_needs_the_pixels_of_images_where_each_class_occurs():
+    with pytest.raises(ValueError, match="image_pixels"):
+        class_balance_weights(COUNTS)
+    with pytest.raises(ValueError, match="at least its own pixels"):
+        class_balance_weights(COUNTS, image_pixels=[1000, 200, 200])
 
 
 def test_zero_pixel_class_gets_the_largest_weight_not_inf():
-    weights = class_balance_weights([600, 0, 300, 100])
+    weights = class_balance_weights([600, 0, 300, 100], image_pixels=[1000, 0, 1000, 1000])
     assert weights == pytest.approx([0.5, 3.0, 1.0, 3.0])
-    loss = build_loss({"kind": "weighted_ce"}, num_classes=4, class_pixel_counts=[600, 0, 300, 100])
+    log = class_balance_weights([600, 0, 300, 100], method="log")
+    assert log[1] == pytest.approx(1 / math.log(1.12)) == log[3]
+    loss = build_loss(
+        {"kind": "weighted_ce"},
+        num_classes=4,
+        class_pixel_counts=[600, 0, 300, 100],
+        class_image_pixels=[1000, 0, 1000, 1000],
+    )
     value = loss(torch.zeros(1, 4, 1, 2), target_of([1, 0]))
     assert value.item() == pytest.approx(math.log(4))
 
 
-def test_weighted_ce_known_value():
-    probs = [[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]]
-    target = [0, 1, 2, 2]
-    weights = {0: 0.5, 1: 1.0, 2: 3.0}  # median frequency of counts 600, 300, 100
+def weighted_ce_by_hand(probs, target, weights) -> float:
     nll = [-math.log(p[t]) for p, t in zip(probs, target, strict=True)]
-    expected = sum(weights[t] * n for t, n in zip(target, nll, strict=True)) / sum(
+    return sum(weights[t] * n for t, n in zip(target, nll, strict=True)) / sum(
         weights[t] for t in target
     )
-    counts = [600, 300, 100]
-    assert loss_value({"kind": "weighted_ce"}, probs, target, class_pixel_counts=counts) == (
-        pytest.approx(expected, abs=1e-6)
+
+
+WEIGHTED_PROBS = [[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]]
+WEIGHTED_TARGET = [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("weighting", "weights"),
+    [
+        ("median", [0.5 / 0.6, 0.5 / 0.3, 1.0]),
+        ("inverse", [1 / 0.6, 1 / 0.3, 1 / 0.1]),  # times a constant the mean cancels
+        ("log", [1 / math.log(1.62), 1 / math.log(1.32), 1 / math.log(1.12)]),
+    ],
+)
+def test_weighted_ce_known_value(weighting, weights):
+    cfg = {"kind": "weighted_ce", "weighting": weighting}
+    value = loss_value(
+        cfg,
+        WEIGHTED_PROBS,
+        WEIGHTED_TARGET,
+        class_pixel_counts=COUNTS,
+        class_image_pixels=IMAGE_PIXELS,
     )
-    # From dataset-wide counts, inverse weights are the median ones times a constant, which the
-    # weighted mean cancels: both options train the same.
-    inverse = {"kind": "weighted_ce", "weighting": "inverse"}
-    assert loss_value(inverse, probs, target, class_pixel_counts=counts) == (
-        pytest.approx(expected, abs=1e-6)
+    expected = weighted_ce_by_hand(WEIGHTED_PROBS, WEIGHTED_TARGET, weights)
+    assert value == pytest.approx(expected, abs=1e-6)
+
+
+def test_median_inverse_and_log_train_differently():
+    """Median frequency counts a class's pixels against the images it occurs in: on a dataset
+    where a class occurs in few images it is not inverse frequency times a constant."""
+    values = [
+        loss_value(
+            {"kind": "weighted_ce", "weighting": weighting},
+            WEIGHTED_PROBS,
+            WEIGHTED_TARGET,
+            class_pixel_counts=COUNTS,
+            class_image_pixels=IMAGE_PIXELS,
+        )
+        for weighting in ("median", "inverse", "log")
+    ]
+    assert min(abs(a - b) for a, b in itertools.combinations(values, 2)) > 0.01
+
+
+def test_median_without_image_presence_says_to_re_ingest():
+    with pytest.raises(UserError, match="re-ingest") as error:
+        build_loss({"kind": "weighted_ce"}, num_classes=3, class_pixel_counts=COUNTS)
+    assert "\n" not in str(error.value) and "weighting inverse or log" in str(error.value)
+    inverse = build_loss(
+        {"kind": "weighted_ce", "weighting": "inverse"}, num_classes=3, class_pixel_counts=COUNTS
     )
+    assert inverse.class_weights is not None
 
 
 def test_dice_class_absent_from_target_counts_only_when_predicted():
@@ -167,7 +236,12 @@ def test_gradient_reaches_the_logits(kind):
     target[:, 2:6, 9:13] = 1
     target[:, 10:14, 4:12] = 2
     target[1, 0] = IGNORE
-    loss = build_loss({"kind": kind}, num_classes=3, class_pixel_counts=[300, 50, 20])
+    loss = build_loss(
+        {"kind": kind},
+        num_classes=3,
+        class_pixel_counts=[300, 50, 20],
+        class_image_pixels=[370, 200, 100],
+    )
     value = loss(logits, target)
     value.backward()
     assert value.ndim == 0 and torch.isfinite(value)
@@ -292,7 +366,7 @@ def test_border_weight_maps_batches_on_the_targets_device():
         ({"kind": "dice", "eps": 0}, "loss.eps must be a number > 0"),
         ({"kind": "border_ce", "sigma": -1}, "loss.sigma must be a number > 0"),
         ({"kind": "border_ce", "foreground_classes": [1, 7]}, "class ids in [0, 3)"),
-        ({"kind": "weighted_ce", "weighting": "log"}, "choose from ['inverse', 'median']"),
+        ({"kind": "weighted_ce", "weighting": "sqrt"}, "choose from ['inverse', 'log', 'median']"),
     ],
 )
 def test_bad_config_is_a_user_error_naming_the_choices(cfg, message):

@@ -24,7 +24,7 @@ def test_unreachable_server_error_hides_the_password():
         port = sock.getsockname()[1]
     uri = f"http://alice:hunter2-secret@127.0.0.1:{port}"
     result = CliRunner().invoke(main, ["promote", "s", "--model-name", "m", "--tracking-uri", uri])
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "hunter2-secret" not in result.output
     assert f"alice:***@127.0.0.1:{port}" in result.output
     assert len(result.output.strip().splitlines()) == 1

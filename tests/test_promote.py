@@ -28,6 +28,7 @@ from segsearch.data.images import read_image_file
 from segsearch.mlflow_uri import resolve_tracking_uri
 from segsearch.serve.mlflow_model import load_logged_model, log_model
 from segsearch.serve.predictor import MaskPredictor
+from segsearch.serve.promote import promote
 from segsearch.tracking import SearchTracker
 from tests.fixtures.mlflow_server import ARTIFACT_BUCKET
 from tests.test_checkpoint import (
@@ -268,7 +269,7 @@ def test_promote_errors_are_one_line(mlflow_server, searches):
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_unknown_model_and_unreachable_server_exit_2(mlflow_server, tmp_path):
+def test_unknown_model_exits_2_and_unreachable_server_3(mlflow_server, tmp_path):
     image_folder(tmp_path / "in")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -278,17 +279,19 @@ def test_unknown_model_and_unreachable_server_exit_2(mlflow_server, tmp_path):
             ("predict", "models:/no-such-model@champion", str(tmp_path / "in"), str(tmp_path)),
             mlflow_server,
             "cannot load model models:/no-such-model@champion",
+            2,
         ),
         (
             ("predict", "models:/pets-seg@champion", str(tmp_path / "in"), str(tmp_path)),
             dead,
             f"MLflow tracking server {dead} is unreachable",
+            3,
         ),
-        (("promote", "pets-v1", "--model-name", "m"), dead, "is unreachable"),
+        (("promote", "pets-v1", "--model-name", "m"), dead, "is unreachable", 3),
     ]
-    for args, uri, message in cases:
+    for args, uri, message, code in cases:
         result = run_cli(*args, "--tracking-uri", uri)
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == code, result.output
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
 
@@ -334,3 +337,89 @@ def test_promote_to_a_sqlite_store_outside_the_working_directory(
     assert "registered toy-seg version 1" in result.output
     assert str(MlflowClient(uri).get_model_version_by_alias("toy-seg", "champion").version) == "1"
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _log_best(uri: str, run_id: str, value: float, epoch: int) -> None:
+    """What the tracker logs on a trial's run when the search ends: its best epoch's score."""
+    client = MlflowClient(uri)
+    client.log_metric(run_id, "best_val_miou", value)
+    client.log_metric(run_id, "best_epoch", epoch)
+
+
+def _add_refit(uri: str, search: str, trial: Trial, tags: dict, metrics: dict) -> str:
+    """A finished refit run under the search's parent run, with a logged model."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(search)
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`segsearch.role` = 'search'"
+    )
+    (run_id,) = add_trials(uri, experiment.experiment_id, parent.info.run_id, [trial]).values()
+    client.set_tag(run_id, "segsearch.role", "refit")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    return run_id
+
+
+def test_promote_ranks_by_the_best_epoch_and_takes_the_refit(tmp_path, checkpoints):
+    """t1 scored 0.6 at its best epoch and 0.5 at its last, t2 0.55 at both: t1 is the better
+    trial. Once the search has a refit, promote takes the refit's model, by its own score."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = make_search(
+        uri,
+        "refitted",
+        [Trial("t1", (0.6, 0.5), checkpoints[0]), Trial("t2", (0.55, 0.55), checkpoints[1])],
+    )
+    _log_best(uri, runs["t1"], 0.6, 1)
+    _log_best(uri, runs["t2"], 0.55, 2)
+    done = promote("refitted", model_name="by-best-epoch", tracking_uri=uri)
+    assert (done.run_id, done.value) == (runs["t1"], 0.6)
+
+    on_train = {"segsearch.refit_on": "train", "segsearch.refit_of": "t1"}
+    worse = _add_refit(
+        uri, "refitted", Trial("r2", (0.4,), checkpoints[1]), on_train, {"best_val_miou": 0.4}
+    )
+    better = _add_refit(
+        uri, "refitted", Trial("r1", (0.7, 0.65), checkpoints[0]), on_train, {"best_val_miou": 0.7}
+    )
+    done = promote("refitted", model_name="refit-seg", tracking_uri=uri)
+    assert (done.run_id, done.metric, done.value) == (better, "val_miou", 0.7)
+    assert done.run_id != worse and "(trial r1, refit of t1, val_miou=0.7000)" in done.describe()
+
+
+def test_a_refit_on_train_and_val_is_gated_by_its_test_score_only_against_test_scores(
+    tmp_path, checkpoints
+):
+    """A refit that trained on val has no val score to compare with a champion's val_miou: it
+    is registered by its test_miou, and takes a val-scored alias only with --force."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    make_search(uri, "held", [Trial("t1", (0.6,), checkpoints[0])])
+    assert promote_cli(uri, "held", "gated").exit_code == 0
+    make_search(uri, "trainval", [Trial("u1", (0.5,), checkpoints[1])])
+    all_data = {"segsearch.refit_on": "train+val", "segsearch.refit_of": "u1"}
+    second = _add_refit(
+        uri,
+        "trainval",
+        Trial("v2", (), checkpoints[1]),
+        {**all_data, "segsearch.refit_rank": 2},
+        {"test_miou": 0.95},
+    )
+    first = _add_refit(
+        uri,
+        "trainval",
+        Trial("v1", (), checkpoints[0]),
+        {**all_data, "segsearch.refit_rank": 1},
+        {"test_miou": 0.9, "search_val_miou": 0.5},
+    )
+
+    refused = promote_cli(uri, "trainval", "gated")
+    assert refused.exit_code == 2, refused.output
+    assert "scored by val_miou" in refused.stderr and "scored by test_miou" in refused.stderr
+    assert "does not compare with it; pass --force" in refused.stderr
+    forced = promote_cli(uri, "trainval", "gated", "--force")
+    assert forced.exit_code == 0, forced.output
+    version = MlflowClient(uri).get_model_version_by_alias("gated", "champion")
+    assert version.run_id == first != second  # rank 1, not the higher test score
+    assert version.tags["segsearch.metric"] == "test_miou"
+    assert float(version.tags["segsearch.metric_value"]) == 0.9

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -99,6 +99,17 @@ def test_three_trial_search_tracked_in_mlflow_promoted_and_predicting(
         assert {"overlays.png", "confusion.png", "class_iou.csv"} <= {
             a.path for a in client.list_artifacts(run_id)
         }
+        # Rank 0's node, per epoch; the pictures per epoch on the UI's image slider.
+        cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+        assert [m.step for m in cpu] == [1, 2]
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        for key in ("overlays", "confusion"):
+            assert sorted(p.split("+")[2] for p in images if p.startswith(f"images/{key}+")) == [
+                "1",
+                "1",
+                "2",
+                "2",
+            ]  # full size .png and compressed .webp
     overlay_keys = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
         Bucket=ARTIFACT_BUCKET
     )
@@ -133,7 +144,12 @@ def test_a_trial_trains_with_two_ddp_workers(ray_cluster, tiny_dataset, tmp_path
     assert trial["error"] is None and trial["epochs"] == 2
     assert [row["epoch"] for row in trial["history"]] == [1, 2]
     model, meta = load_model(result.best_checkpoint)
-    assert meta["epoch"] == 2 and not hasattr(model, "module")
+    assert meta["epoch"] == trial["best_epoch"] and not hasattr(model, "module")
+    manifest = json.loads((Path(result.best_checkpoint) / "manifest.json").read_text())
+    assert manifest["trial"] == meta["config"] and manifest["devices"]["workers"] == 2
+    (run_id,) = _trial_runs(f"sqlite:///{tmp_path}/mlflow.db", "ddp").values()
+    logged = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").list_artifacts(run_id)
+    assert "manifest.json" in {artifact.path for artifact in logged}
 
 
 @pytest.mark.slow
@@ -192,36 +208,70 @@ def test_resume_after_the_driver_is_killed_runs_exactly_the_requested_trials(
         f"sqlite:///{tmp_path}/mlflow.db",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    finished = 0
-    deadline = time.monotonic() + 400
+    finished = started = 0
     assert driver.stdout is not None
     for line in driver.stdout:
         finished += line.rstrip().endswith("finished")
-        if finished == 1 or time.monotonic() > deadline:
-            break
-    while time.monotonic() < deadline and not any(
-        len(epochs) == 2 for epochs in _trained(storage / "resume").values()
-    ):
-        time.sleep(0.5)  # until Tune's result file holds the finished trial's epochs
+        started += " started: " in line
+        if started == 2:
+            break  # trial 1 has finished, trial 2 has just started, trial 3 has not
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    assert finished == 1
-    before = _trained(storage / "resume")
+    assert (finished, started) == (1, 2)
+    # Tune's own files reach the storage a second or so late; MLflow is written per epoch.
+    before = _epoch_histories(tracking_uri, "resume")
+    finished_before = [trial for trial, epochs in before.items() if len(epochs) == 2]
+    assert len(finished_before) == 1
 
     resumed = subprocess.run(
         [*command, "--resume"], capture_output=True, text=True, env=env, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = _trained(storage / "resume")
+    after = _epoch_histories(tracking_uri, "resume")
     assert len(after) == 3
-    for trial_dir, epochs in after.items():
+    for trial, epochs in after.items():
+        assert [epoch for epoch, _ in epochs] == [1, 2], f"trial {trial} logged an epoch twice"
+    assert after[finished_before[0]] == before[finished_before[0]], "a finished trial trained again"
+    for trial_dir, epochs in _trained(storage / "resume").items():
         assert [epoch for epoch, _ in epochs] == [1, 2], f"{trial_dir} trained an epoch twice"
-    finished_before = {d for d, epochs in before.items() if len(epochs) == 2}
-    assert len(finished_before) == 1
-    for trial_dir in finished_before:
-        assert after[trial_dir] == before[trial_dir], "a finished trial trained again"
-    assert len(_trial_runs(f"sqlite:///{tmp_path}/mlflow.db", "resume")) == 3
+
+
+@pytest.mark.slow
+def test_dashboard_flag_starts_a_local_ray_whose_dashboard_answers_at_the_printed_url(
+    tiny_dataset, tmp_path
+):
+    space_file = tmp_path / "dash.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space("dash", trials=1, epochs=1)))
+    command = [sys.executable, "-m", "segsearch", "search", str(space_file)]
+    command += ["--dataset", tiny_dataset, "--storage", str(tmp_path / "runs")]
+    command += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--dashboard"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    assert driver.stdout is not None
+    line = next((line for line in driver.stdout if line.startswith("Ray dashboard:")), "")
+    url = line.split()[2]
+    assert url.startswith("http://127.0.0.1:"), line
+    ray_cli = Path(sys.executable).parent / "ray"
+    token = subprocess.run([ray_cli, "get-auth-token"], capture_output=True, text=True).stdout
+    request = urllib.request.Request(f"{url}/api/version")
+    if token.strip():  # Ray 2.60 turns token auth on by default
+        assert token.strip() not in line, "the dashboard line printed Ray's token"
+        request.add_header("Authorization", f"Bearer {token.strip()}")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.load(answer)["ray_version"] == ray.__version__
+    driver.stdout.read()
+    assert driver.wait(timeout=300) == 0
+
+
+def _epoch_histories(tracking_uri: str, search: str) -> dict[str, list[tuple[int, int]]]:
+    """Trial id → its logged (epoch, timestamp_ms) of val_miou, as MLflow holds them."""
+    client = MlflowClient(tracking_uri)
+    return {
+        trial: [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "val_miou")]
+        for trial, run_id in _trial_runs(tracking_uri, search).items()
+    }
 
 
 def _trial_runs(tracking_uri: str, search: str) -> dict[str, str]:
@@ -255,3 +305,54 @@ def _result_rows(experiment: Path) -> dict[str, list[dict]]:
         lines = result_file.read_text().splitlines()
         rows[result_file.parent.name] = [json.loads(line) for line in lines if line.strip()]
     return rows
+
+
+@pytest.mark.slow
+def test_search_keeps_a_persistent_optuna_study_that_resume_continues_and_warm_start_reads(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    """The study, opened with Optuna's own loader, holds every epoch and the ASHA-stopped trial
+    as PRUNED; --resume adds no trial; the next search warm-starts from its best config."""
+    import optuna
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = tiny_space(
+        "studied",
+        trials=2,
+        epochs=2,
+        max_concurrent=1,
+        scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        sampler={"kind": "random", "seed": 0},  # draws lr 0.02, then 1e-12
+    )
+    space["space"] = {
+        "model.arch": {"choice": ["unet"]},
+        "model.width": {"choice": [8]},
+        "optim.lr": {"choice": [1.0e-12, 0.02]},
+    }
+    options = {"dataset": tiny_dataset, "storage": str(tmp_path), "tracking_uri": tracking_uri}
+    run_search(parse_space(space), **options)
+
+    url = f"sqlite:///{tmp_path}/optuna.db"  # beside the MLflow store
+    study = optuna.load_study(study_name="studied", storage=url)
+    good, stopped = study.get_trials()
+    assert good.params["optim.lr"] == 0.02 and stopped.params["optim.lr"] == 1.0e-12
+    assert good.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(good.intermediate_values) == [1, 2] and good.value == good.intermediate_values[2]
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert sorted(stopped.intermediate_values) == [1]
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("studied")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`segsearch.role` = 'search'")
+    assert {
+        "optimization_history.png",
+        "parallel_coordinates.png",
+        "intermediate_values.png",
+    } <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    run_search(parse_space(space), resume=True, **options)
+    assert len(optuna.load_study(study_name="studied", storage=url).get_trials()) == 2
+
+    warm = tiny_space("warmed", trials=1, epochs=1, warm_start="studied")
+    warm["space"] = {**space["space"], "optim.lr": {"float": [1.0e-3, 5.0e-2], "log": True}}
+    result = run_search(parse_space(warm), **options)
+    assert result.trials[0]["config"]["optim.lr"] == 0.02

@@ -60,8 +60,11 @@ def tiny_trial(
     """
     import ray.tune
 
+    from segsearch.search.system_metrics import SystemSampler
+
     trial_id = ray.tune.get_context().get_trial_id()
     done = _checkpoints(root, filesystem, trial_id)
+    system = SystemSampler()
     for epoch in range(len(done) + 1, EPOCHS + 1):
         if signals:
             _signal(signals, trial_id, epoch)
@@ -84,6 +87,7 @@ def tiny_trial(
                 "images_per_s": 123.0,
                 "num_params": 4321,
                 "checkpoint_path": path,
+                **system.take(),
             }
         )
 
@@ -253,6 +257,17 @@ def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set
     return {a.path for a in client.list_artifacts(run_id, path)}
 
 
+def image_steps(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    """Steps of each key's full-size images, as the MLflow UI's image slider reads them from
+    `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (a compressed .webp beside each)."""
+    found: dict[str, list[int]] = {}
+    for path in artifacts(client, run_id, "images"):
+        if path.endswith(".png"):
+            key, _, step, *_ = path.removeprefix("images/").split("+")
+            found.setdefault(key, []).append(int(step))
+    return {key: sorted(values) for key, values in found.items()}
+
+
 def assert_no_secrets(client: MlflowClient, runs: list[Any], secrets: list[str]) -> None:
     for run in runs:
         fresh = client.get_run(run.info.run_id)
@@ -320,26 +335,6 @@ def test_clean_masks_real_secrets_by_value_but_never_paths(monkeypatch, tmp_path
     assert mask(f"checkpoint {work}/runs/x") == f"checkpoint {work}/runs/x"
 
 
-def test_search_pictures_draw_with_few_or_unscored_trials(tmp_path):
-    from segsearch.tracking import _pictures
-    from segsearch.tracking._outcome import TrialOutcome
-
-    trials = [
-        TrialOutcome(
-            "t_00000", {"optim.lr": 0.1, "model.arch": "fcn"}, {"val_miou": 0.5}, "completed"
-        ),
-        TrialOutcome("t_00001", {"optim.lr": 0.2, "model.arch": "unet"}, {}, "error"),
-    ]
-    with pytest.raises(ValueError, match="fewer than 2"):
-        _pictures.param_importances(None, trials, metric="val_miou", mode="max")
-    for subset in (trials, trials[1:], []):
-        history = tmp_path / f"history-{len(subset)}.png"
-        _pictures.history_chart(subset, history, metric="val_miou", mode="max")
-        parallel = tmp_path / f"parallel-{len(subset)}.png"
-        _pictures.parallel_chart(subset, parallel, metric="val_miou")
-        assert history.read_bytes()[:4] == parallel.read_bytes()[:4] == b"\x89PNG"
-
-
 def test_unreachable_server_fails_before_any_trial(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -380,7 +375,7 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
         notes=f"synced with secret {s3_secret} and env-token-that-must-not-leak",
         fail_flag=_touch(tmp_path / "fail"),
     )
-    summary = tracker.finish(results, metric="val_miou", mode="max")
+    summary = tracker.finish(results, metric="val_miou", mode="max", study=_study())
 
     assert summary.unlogged == ()
     client = MlflowClient(tracking_uri=uri)
@@ -403,12 +398,12 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
     assert good.data.params["model.arch"] == "unet"
     assert good.data.params["image_size"] == f"[{SIZE}, {SIZE}]"
     assert good.data.params["epochs"] == str(EPOCHS)
-    assert {"overlays.png", "confusion.png", "class_iou.csv", "overlays"} <= artifacts(
-        client, good.info.run_id
-    )
-    assert artifacts(client, good.info.run_id, "overlays") == {
-        f"overlays/epoch_{e:03d}.png" for e in (1, 2, 3)
-    }
+    assert {"overlays.png", "confusion.png", "class_iou.csv"} <= artifacts(client, good.info.run_id)
+    assert image_steps(client, good.info.run_id) == {"overlays": [1, 2, 3], "confusion": [1, 2, 3]}
+    assert image_steps(client, bad.info.run_id) == {"overlays": [1], "confusion": [1]}
+    assert good.data.tags["mlflow.loggedImages"] == "True"  # MLflow writes str(True)
+    assert steps(client, good.info.run_id, "system/cpu_utilization_percentage") == [1, 2, 3]
+    assert good.data.metrics["system/system_memory_usage_megabytes"] > 0
 
     assert parent.info.status == "FINISHED"
     assert parent.data.params["dataset"] == "s3://data-bucket/tiny"
@@ -423,6 +418,7 @@ def test_search_on_embedded_sqlite_is_one_parent_with_a_child_run_per_trial(
         "param_importances.png",
         "optimization_history.png",
         "parallel_coordinates.png",
+        "intermediate_values.png",
     } <= artifacts(client, parent.info.run_id)
     assert summary.best_run_id == good.info.run_id
     assert good.data.tags["segsearch.best"] == "true"
@@ -478,6 +474,10 @@ def test_resumed_search_reuses_its_parent_and_trial_runs(ray_cluster, sqlite_uri
     assert resumed.data.tags["segsearch.status"] == "completed"
     assert "segsearch.error" not in resumed.data.tags
     assert steps(client, failing.info.run_id) == [1, 2, 3]
+    assert image_steps(client, failing.info.run_id) == {
+        "overlays": [1, 2, 3],
+        "confusion": [1, 2, 3],
+    }
     assert parent.info.status == "FINISHED"
 
 
@@ -518,11 +518,35 @@ def test_search_on_mlflow_server_puts_overlays_in_s3_and_no_secret_in_params(
     for child in children:
         run_id = child.info.run_id
         assert any(run_id in k and k.endswith("/overlays.png") for k in keys), run_id
-        assert any(run_id in k and k.endswith("/overlays/epoch_001.png") for k in keys), run_id
-    assert any(parent.info.run_id in k and k.endswith("/param_importances.png") for k in keys)
+        assert any(run_id in k and "/images/overlays+step+1+" in k for k in keys), run_id
+    assert any(parent.info.run_id in k and k.endswith("/trials.csv") for k in keys)
     assert summary.model_uri
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
     assert_no_secrets(client, [parent, *children], [PLANTED_SECRET, *secrets])
+
+
+def _study() -> Any:
+    """A small Optuna study, as a search's StudySearch leaves it, for the parent run's pictures."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-12, 1e-2, log=True)
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    for rate, value, state in ((GOOD_LR, 0.8, complete), (BAD_LR, 0.15, pruned)):
+        trial = optuna.trial.create_trial(
+            params={"optim.lr": rate},
+            distributions={"optim.lr": lr},
+            value=value if state == complete else None,
+            intermediate_values={1: value},
+            state=state,
+        )
+        study.add_trial(trial)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"optim.lr": FAILING_LR}, distributions={"optim.lr": lr}, value=0.7
+        )
+    )
+    return study
 
 
 def _touch(path: Path) -> str:
@@ -587,6 +611,53 @@ def test_tune_events_return_at_once_while_the_store_hangs(tmp_path):
         server.close()
     assert "trial t_00000: metrics of epoch 1" in summary.unlogged
     assert any("not logged" in line for line in lines)
+
+
+def test_a_result_returns_at_once_while_its_checkpoint_storage_hangs(tmp_path):
+    """Copying an epoch's pictures out of its checkpoint (on S3, say) is not done on Tune's
+    event loop: the result event returns at once though the store never answers."""
+    import pyarrow.fs as pafs
+
+    from segsearch.tracking._callback import TrackingCallback
+    from segsearch.tracking._writer import Writer
+
+    storage, tracking = HangingServer(), HangingServer()
+    filesystem = pafs.S3FileSystem(
+        endpoint_override=storage.uri,
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        connect_timeout=3,
+        request_timeout=3,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )
+    writer = Writer(tracking.uri, echo=lambda line: None, retry_every_s=60)
+    tracker = SearchTracker(
+        writer,
+        search_name="slow-storage",
+        experiment_id="0",
+        parent_run_id="parent",
+        children={},
+        epochs=EPOCHS,
+        staging=tmp_path,
+    )
+    callback = TrackingCallback(tracker)
+    trial = types.SimpleNamespace(
+        trial_id="t_00000",
+        config={"optim.lr": GOOD_LR},
+        storage=types.SimpleNamespace(storage_filesystem=filesystem),
+        last_result={"epoch": 1},
+    )
+    try:
+        callback.on_trial_start(0, [], trial)
+        started = time.monotonic()
+        result = {"epoch": 1, "val_miou": 0.5, "checkpoint_path": "bucket/trial/epoch_001"}
+        callback.on_trial_result(0, [], trial, result)
+        assert time.monotonic() - started < 0.5
+        tracker.finish([], metric="val_miou", mode="max", wait_s=1.0)
+    finally:
+        storage.close()
+        tracking.close()
 
 
 def test_a_reopened_trial_run_never_logs_an_epoch_twice(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,9 +12,12 @@ from PIL import Image
 
 from segsearch.visualize import (
     ALPHA,
+    CONFUSION_CELL,
+    confusion_colours,
     overlay,
     palette,
     plot_confusion,
+    render_confusion,
     render_overlays,
     write_class_iou_csv,
 )
@@ -79,6 +84,38 @@ def test_plot_confusion_writes_a_png(tmp_path):
     plot_confusion(np.array([[5, 1, 0], [0, 0, 0], [2, 0, 8]]), CLASSES, path)
     with Image.open(path) as picture:
         assert picture.format == "PNG" and min(picture.size) > 100
+
+
+def test_confusion_cells_are_coloured_by_the_share_of_the_true_class():
+    # Rows: truth. Row 0 splits 50/50, row 1 has no pixels (all 0), row 2 is all right.
+    picture = render_confusion(np.array([[5, 5, 0], [0, 0, 0], [0, 0, 8]]), CLASSES)
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    colours = confusion_colours(np.array([0.0, 0.5, 1.0]))
+    assert tuple(colours[0]) == (255, 255, 255)
+    assert np.all(colours[2] < colours[1]) and np.all(colours[1] < colours[0])
+
+    def area(colour: np.ndarray) -> int:
+        return int(np.all(picture == colour, axis=2).sum())
+
+    cell = CONFUSION_CELL**2
+    assert 0.6 * cell < area(colours[2]) <= cell  # one cell, less its printed value
+    assert 2 * 0.6 * cell < area(colours[1]) <= 2 * cell
+
+
+def test_confusion_picture_needs_no_matplotlib(tmp_path):
+    """The picture is drawn every epoch of every trial: numpy and PIL, not a plotting library."""
+    code = (
+        "import sys, numpy as np\n"
+        "from segsearch.visualize import plot_confusion\n"
+        "plot_confusion(np.eye(12), [f'c{i}' for i in range(12)], sys.argv[1])\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    path = tmp_path / "confusion.png"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False" and path.is_file()
 
 
 def test_class_iou_csv_leaves_absent_classes_empty(tmp_path):

@@ -1,8 +1,8 @@
 """Rows → Parquet shards + dataset.json at a checked destination, with statistics in the same pass.
 
-Statistics (per-class pixel counts, per-channel mean/std of the train split) are computed while the
-shards are written, and dataset.json is written last: a dataset without it is visibly incomplete.
-Any failure removes the shards written so far.
+Statistics (per-class pixel counts and image presence, per-channel mean/std of the train split) are
+computed while the shards are written, and dataset.json is written last: a dataset without it is
+visibly incomplete. Any failure removes the shards written so far.
 
 Overwriting never loses the old dataset: the new shards get names of their own (an ingest token),
 the old dataset.json keeps naming the old shards until the new ones are complete, then one write
@@ -214,17 +214,24 @@ def _check_row(row: Row, options: WriteOptions, channels: int | None, ids: set[s
 
 
 class _Stats:
-    """Per-class pixel counts and per-channel value histograms of the train split."""
+    """Per-class pixel counts, per-class image presence and per-channel value histograms of the
+    train split."""
 
     def __init__(self, num_classes: int, ignore_index: int) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.class_counts = np.zeros(256, dtype=np.int64)
+        self.image_counts = np.zeros(num_classes, dtype=np.int64)
+        self.image_pixels = np.zeros(num_classes, dtype=np.int64)
         self.histograms: np.ndarray | None = None
 
     def add(self, row: Row) -> None:
         if row.split != "train":
             return
-        self.class_counts += np.bincount(row.mask.ravel(), minlength=256)
+        counts = np.bincount(row.mask.ravel(), minlength=256)
+        self.class_counts += counts
+        present = counts[: self.num_classes] > 0
+        self.image_counts += present
+        self.image_pixels += present * (counts.sum() - counts[self.ignore_index])
         channels = row.image.shape[2]
         if self.histograms is None:
             self.histograms = np.zeros((channels, 256), dtype=np.int64)
@@ -248,6 +255,8 @@ class _Stats:
             ignore_index=self.ignore_index,
             splits=dict(sorted(splits.items())),
             class_pixel_counts=tuple(int(n) for n in self.class_counts[: self.num_classes]),
+            class_image_counts=tuple(int(n) for n in self.image_counts),
+            class_image_pixels=tuple(int(n) for n in self.image_pixels),
             mean=tuple(round(float(m), 6) for m in mean),
             std=tuple(round(float(s), 6) for s in np.sqrt(var)),
             channels=channels,

@@ -5,10 +5,15 @@
 <root>/<split>/part-<token>-00000.parquet  id, image (PNG/JPEG), mask (PNG of class ids),
                                            height, width; <token> is unique to one ingest
 ```
-dataset.json (format segsearch/v2) lists each split's shards, so an ingest can write a new
+dataset.json (format segsearch/v3) lists each split's shards, so an ingest can write a new
 dataset beside the old one and switch by replacing dataset.json alone: a reader sees the old
-dataset or the new one, never a mix. Datasets of format segsearch/v1 list no shards; their
-shards are the `part-NNNNN.parquet` files of each split folder.
+dataset or the new one, never a mix. It also records, per class, in how many train images the
+class occurs and the labelled pixels of those images: median frequency class weights need them.
+
+Older formats still load. segsearch/v2 lacks the image presence (`class_image_counts` and
+`class_image_pixels` are None): every use but median weighting works, and that one asks for a
+re-ingest, since recovering presence means decoding every train mask. segsearch/v1 also lists
+no shards; its shards are the `part-NNNNN.parquet` files of each split folder.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ from segsearch.data.storage import display_path, filesystem_for, join, storage_e
 from segsearch.errors import UserError
 from segsearch.values import is_integer, is_number
 
-FORMAT = "segsearch/v2"
+FORMAT = "segsearch/v3"
+#: Written before dataset.json recorded the images each class occurs in.
+FORMAT_V2 = "segsearch/v2"
 #: Written before shards were listed in dataset.json: read by listing the split folders.
 FORMAT_V1 = "segsearch/v1"
+#: dataset.json's per-class image presence (format v3): train images, and their labelled pixels.
+PRESENCE_FIELDS = ("class_image_counts", "class_image_pixels")
 INFO_FILE = "dataset.json"
 #: dataset.json's list of shard files per split (format v2).
 SHARDS_FIELD = "shards"
@@ -63,6 +72,10 @@ class DatasetInfo:
     channels: int
     #: split → shard paths relative to the dataset's root; None for a v1 dataset.
     shards: Mapping[str, tuple[str, ...]] | None = None
+    #: per class, the train images where it occurs; None before format v3.
+    class_image_counts: tuple[int, ...] | None = None
+    #: per class, the labelled pixels of the train images where it occurs; None before v3.
+    class_image_pixels: tuple[int, ...] | None = None
     format: str = field(default=FORMAT)
 
     @property
@@ -80,6 +93,9 @@ class DatasetInfo:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.class_image_counts is not None and self.class_image_pixels is not None:
+            data["class_image_counts"] = list(self.class_image_counts)
+            data["class_image_pixels"] = list(self.class_image_pixels)
         if self.shards is not None:
             data[SHARDS_FIELD] = {split: list(paths) for split, paths in self.shards.items()}
         return data
@@ -142,9 +158,10 @@ def _parse(data: Any, source: str) -> DatasetInfo:
 
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    if data.get("format") not in (FORMAT, FORMAT_V1):
+    if data.get("format") not in (FORMAT, FORMAT_V2, FORMAT_V1):
         raise bad(
-            "format", f"must be {FORMAT!r} or {FORMAT_V1!r} (the formats this segsearch reads)"
+            "format",
+            f"must be {FORMAT!r}, {FORMAT_V2!r} or {FORMAT_V1!r} (the formats segsearch reads)",
         )
     classes = data.get("classes")
     if (
@@ -188,8 +205,45 @@ def _parse(data: Any, source: str) -> DatasetInfo:
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         channels=channels,
-        shards=_parse_shards(data, splits, bad) if data["format"] == FORMAT else None,
+        shards=_parse_shards(data, splits, bad) if data["format"] != FORMAT_V1 else None,
         format=data["format"],
+        **(_parse_presence(data, counts, splits["train"], bad) if data["format"] == FORMAT else {}),
+    )
+
+
+def _parse_presence(
+    data: dict[str, Any], counts: list[int], train_images: int, bad: Callable[[str, str], UserError]
+) -> dict[str, tuple[int, ...]]:
+    """v3's image presence: a class occurs in some train image exactly when it has pixels; its
+    images hold at least its own pixels and at most all labelled pixels."""
+    images, pixels = data.get("class_image_counts"), data.get("class_image_pixels")
+    if not _counts(images, counts) or not all(n <= train_images for n in images):
+        raise bad(
+            "class_image_counts",
+            f"must be {len(counts)} train image counts ≤ {train_images}, 0 exactly where "
+            "class_pixel_counts is",
+        )
+    total = sum(counts)
+    if not _counts(pixels, counts) or not all(
+        n <= p <= total for n, p in zip(counts, pixels, strict=True)
+    ):
+        raise bad(
+            "class_image_pixels",
+            f"must be {len(counts)} pixel counts, each between the class's own pixels and all "
+            f"{total} labelled pixels, 0 exactly where class_pixel_counts is",
+        )
+    return {"class_image_counts": tuple(images), "class_image_pixels": tuple(pixels)}
+
+
+def _counts(value: Any, counts: list[int]) -> bool:
+    """A list of non-negative integers, one per class, zero exactly where `counts` is."""
+    return (
+        isinstance(value, list)
+        and len(value) == len(counts)
+        and all(
+            is_integer(v) and v >= 0 and (v > 0) == (n > 0)
+            for v, n in zip(value, counts, strict=True)
+        )
     )
 
 

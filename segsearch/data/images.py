@@ -28,6 +28,28 @@ def decode_image(data: bytes) -> np.ndarray:
         return _image_array(image, "image bytes")
 
 
+def decode_image_at(
+    data: bytes, size: tuple[int, int] | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(the image as `decode_image` gives it, resized to `size` (H, W) when given, bilinear and
+    antialiased when shrinking; the image's own (H, W)).
+
+    L and RGB pictures (all a dataset stores: ingest keeps PNG and JPEG in those modes and
+    re-encodes the rest) are resized before the array is made, one copy less; a JPEG shrunk to
+    half or less is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (PIL's `draft`), which
+    skips most of the decoding for sharpness the resize would drop anyway. Other modes come back
+    at their own size."""
+    with Image.open(io.BytesIO(data)) as image:
+        own = (image.height, image.width)
+        wanted = None if size is None else (size[1], size[0])
+        if wanted is None or image.mode not in ("L", "RGB") or image.size == wanted:
+            return _image_array(image, "image bytes"), own
+        if image.format == "JPEG":
+            image.draft(image.mode, wanted)
+        resized = image.resize(wanted, Image.BILINEAR) if image.size != wanted else image
+        return _image_array(resized, "image bytes"), own
+
+
 def decode_mask(data: bytes) -> np.ndarray:
     """PNG bytes of class ids (as written by ingest) → (H, W) uint8."""
     with Image.open(io.BytesIO(data)) as image:

@@ -1,4 +1,5 @@
-"""Training input: a dataset URI → Ray Datasets of decoded uint8 images and masks per split.
+"""Training input: a dataset URI → Ray Datasets of decoded uint8 images and masks per split,
+and the decoding of row groups that a search's once-only decode (trial_data.py) runs too.
 
 Sizing policy: with `image_size` every image is *resized* to it (bilinear, antialiased when
 shrinking) and every mask too (nearest, so class ids stay class ids); nothing is cropped, so
@@ -19,7 +20,7 @@ decodes it. Both raise `DataError`, one line naming the shard file (and the row 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -27,7 +28,7 @@ from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from segsearch.config import check_image_size
-from segsearch.data.images import decode_image, decode_mask
+from segsearch.data.images import decode_image_at, decode_mask
 from segsearch.data.shards import COLUMNS, OpenedDataset, open_dataset, read_shard
 from segsearch.data.storage import display_path, filesystem_for
 from segsearch.errors import DataError, UserError, first_line
@@ -37,8 +38,11 @@ if TYPE_CHECKING:
 
 #: Logical CPUs per Ray Data task: fractional so data never waits on training.
 DATA_CPUS = 0.25
+
 #: Rows per decoded block: small blocks stream to the trainer without piling up in memory.
 DECODE_BATCH = 16
+
+T = TypeVar("T")
 
 
 def load_splits(
@@ -47,23 +51,32 @@ def load_splits(
     """Ray Datasets for every split of a dataset (a URI, or one a search opened already):
     columns id, image (uint8 N,H,W,C) and mask (uint8 N,H,W). A URI's dataset.json and shards
     are checked first, so a bad dataset fails here, before any Ray work."""
-    import ray.data
-
     size = check_image_size(image_size)
     opened = source if isinstance(source, OpenedDataset) else open_dataset(source)
-    info, units = opened.info, opened.units
+    return {split: split_stream(opened, split, size=size) for split in opened.units}
+
+
+def split_stream(
+    opened: OpenedDataset,
+    split: str,
+    *,
+    size: tuple[int, int] | None,
+    units: Sequence[dict[str, Any]] | None = None,
+) -> ray.data.Dataset:
+    """One split as a Ray Dataset decoded as it streams (`units`: some of its row groups, or
+    all of them)."""
+    import ray.data
+
+    items = list(opened.units[split] if units is None else units)
     fs, _ = filesystem_for(opened.uri)
-    return {
-        split: ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read_row_groups,
-            fn_kwargs={"filesystem": fs, "channels": info.channels, "size": size},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=DATA_CPUS,
-            concurrency=_max_tasks(len(items)),
-        )
-        for split, items in units.items()
-    }
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        read_row_groups,
+        fn_kwargs={"filesystem": fs, "channels": opened.info.channels, "size": size},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=DATA_CPUS,
+        concurrency=_max_tasks(len(items)),
+    )
 
 
 def read_row_groups(
@@ -80,18 +93,59 @@ def read_row_groups(
     for path, group, first in zip(
         units["path"], units["row_group"], units["first_row"], strict=True
     ):
-        table = read_shard(
-            filesystem,
-            str(path),
-            lambda parquet, g=int(group): parquet.read_row_group(g, columns=COLUMNS),
+        yield from _decoded_row_group(
+            filesystem, str(path), int(group), int(first), channels=channels, size=size
         )
-        shard = display_path(filesystem, str(path))
-        for start in range(0, table.num_rows, DECODE_BATCH):
-            chunk = table.slice(start, DECODE_BATCH)
-            batch = {name: chunk.column(name).to_pylist() for name in COLUMNS}
-            yield decode_batch(
-                batch, channels=channels, size=size, shard=shard, first_row=int(first) + start
-            )
+
+
+def decode_row_group(
+    unit: Mapping[str, Any],
+    *,
+    filesystem: pafs.FileSystem,
+    channels: int,
+    size: tuple[int, int] | None,
+) -> dict[str, np.ndarray]:
+    """One row group (`unit`: shard `path`, `row_group`, `first_row`) read and decoded whole."""
+    batches = list(
+        _decoded_row_group(
+            filesystem,
+            str(unit["path"]),
+            int(unit["row_group"]),
+            int(unit["first_row"]),
+            channels=channels,
+            size=size,
+            rows=None,
+        )
+    )
+    return batches[0] if len(batches) == 1 else _concat(batches)
+
+
+def _decoded_row_group(
+    filesystem: pafs.FileSystem,
+    path: str,
+    group: int,
+    first: int,
+    *,
+    channels: int,
+    size: tuple[int, int] | None,
+    rows: int | None = DECODE_BATCH,
+) -> Iterator[dict[str, np.ndarray]]:
+    """A row group decoded `rows` rows at a time (all at once for None)."""
+    table = read_shard(
+        filesystem, path, lambda parquet: parquet.read_row_group(group, columns=COLUMNS)
+    )
+    shard = display_path(filesystem, path)
+    step = rows or max(1, table.num_rows)
+    for start in range(0, table.num_rows, step):
+        chunk = table.slice(start, step)
+        batch = {name: chunk.column(name).to_pylist() for name in COLUMNS}
+        yield decode_batch(
+            batch, channels=channels, size=size, shard=shard, first_row=first + start
+        )
+
+
+def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
 
 def decode_batch(
@@ -110,11 +164,13 @@ def decode_batch(
     rows = zip(batch["id"], batch["image"], batch["mask"], strict=True)
     for offset, (sample_id, image_bytes, mask_bytes) in enumerate(rows):
         where = f"{shard}: row {first_row + offset} (id {str(sample_id)!r})"
-        image, mask = _decode_row(where, image_bytes, mask_bytes)
+        image, mask = _decode_row(where, image_bytes, mask_bytes, size)
         if image.shape[2] != channels:
             image = np.repeat(image, channels, axis=2)
         if size is not None and image.shape[:2] != size:
-            image, mask = resize_pair(image, mask, size)
+            image = _resize(image, size, Image.BILINEAR)
+        if size is not None and mask.shape != size:
+            mask = _resize(mask, size, Image.NEAREST)
         images.append(image)
         masks.append(mask)
     return {"id": np.asarray(batch["id"]), "image": _stack(images), "mask": _stack(masks)}
@@ -136,20 +192,24 @@ class TorchCollate(NumpyBatchCollateFn):
         }
 
 
-def _decode_row(where: str, image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
-    image = _decoded(decode_image, image_bytes, f"{where}: image")
+def _decode_row(
+    where: str, image_bytes: bytes, mask_bytes: bytes, size: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row's image (already at `size` when its mode allows: `decode_image_at`) and mask
+    (at its own size), checked against each other."""
+    image, own = _decoded(lambda data: decode_image_at(data, size), image_bytes, f"{where}: image")
     mask = _decoded(decode_mask, mask_bytes, f"{where}: mask")
     if mask.ndim != 2:
         raise DataError(f"{where}: mask is not a one-channel PNG of class ids; ingest again")
-    if mask.shape != image.shape[:2]:
+    if mask.shape != own:
         raise DataError(
             f"{where}: mask {mask.shape[1]}×{mask.shape[0]} differs from image "
-            f"{image.shape[1]}×{image.shape[0]}; ingest the dataset again"
+            f"{own[1]}×{own[0]}; ingest the dataset again"
         )
     return image, mask
 
 
-def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, what: str) -> np.ndarray:
+def _decoded(decode: Callable[[bytes], T], data: bytes, what: str) -> T:
     try:
         return decode(data)
     except (UserError, OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad bytes

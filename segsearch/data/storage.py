@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from segsearch.errors import UserError, first_line
+from segsearch.errors import ServiceUnavailable, UserError, first_line
 
 _CONNECT = ("NETWORK_CONNECTION", "Could not connect", "curlCode", "Couldn't resolve")
 _DENIED = (
@@ -82,14 +82,17 @@ def storage_errors(uri: str) -> Iterator[None]:
 
 
 def storage_error(uri: str, err: OSError) -> UserError:
-    """A one-line UserError for a failed storage call on `uri` (secrets scrubbed)."""
+    """A one-line UserError for a failed storage call on `uri` (secrets scrubbed);
+    ServiceUnavailable when the endpoint did not answer."""
     text = _scrub(str(err))
     if not is_s3(uri):
         return UserError(f"cannot access {uri}: {err.strerror or text}")
     bucket, _ = _bucket_and_key(uri)
     where = f"S3 endpoint {endpoint()} (bucket {bucket!r})"
     if any(marker in text for marker in _CONNECT):
-        return UserError(f"cannot reach {where}: connection failed; check AWS_ENDPOINT_URL")
+        return ServiceUnavailable(
+            f"cannot reach {where}: connection failed; check AWS_ENDPOINT_URL"
+        )
     if any(marker in text for marker in _DENIED):
         return UserError(
             f"{where} refused the credentials (access denied); check AWS_ACCESS_KEY_ID, "

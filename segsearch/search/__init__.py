@@ -1,7 +1,9 @@
-"""The search half: YAML space → Optuna in Ray Tune → one Ray Train job per trial.
+"""The search half: YAML space → Optuna in Ray Tune → each trial trained in its Tune process
+(one worker) or as a Ray Train job (DDP over several).
 
 `tuner` runs the search (sampler, scheduler, resume, result), `trial` one trial, `train` the
-training loop on every worker, `capacity` what a cluster can run, `placement` the placement-group
+training loop of both paths, `worker` where that loop runs (a Train worker, or the trial's own
+process and its run folder), `capacity` what a cluster can run, `placement` the placement-group
 workaround, `progress` the lines a user reads.
 
 Nothing is imported here: a Train worker imports `segsearch.search.train` without Tune, MLflow

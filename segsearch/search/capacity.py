@@ -2,8 +2,10 @@
 
 Ray Train waits for its workers' resources and retries its start-up timeout without end, so a
 space that asks for a GPU on a machine without one would hang the search silently. One trial
-needs 1 CPU for its Tune driver plus `workers` bundles of (cpus_per_worker, gpus_per_worker),
-each bundle on one node, and its data stream a share of a CPU beside them. Node shapes come from
+with one worker trains in its Tune trial's own process, which holds that worker's resources; a
+multi-worker trial needs 1 CPU for its Tune driver plus `workers` bundles of (cpus_per_worker,
+gpus_per_worker), each bundle on one node. Either needs a share of a CPU beside it for its data
+stream. Node shapes come from
 the live nodes and, where an autoscaler has reported its node types to the GCS (autoscaler v2,
 KubeRay), from those types too. An autoscaler that reports nothing (for example the v1 cluster
 launcher) is declared with SEGSEARCH_AUTOSCALING=1, which skips the check.
@@ -20,10 +22,31 @@ from segsearch.errors import UserError
 from segsearch.space import ResourcesSpec
 
 AUTOSCALING_ENV = "SEGSEARCH_AUTOSCALING"
-#: The CPU each Tune trial's driver function holds beside its Train workers.
+#: The CPU each multi-worker Tune trial's driver function holds beside its Train workers.
 TRIAL_DRIVER_CPUS = 1.0
 
 Shape = dict[str, float]
+
+
+def in_trial_process(resources: ResourcesSpec) -> bool:
+    """Whether a trial trains in its Tune trial's own process (one worker), not in Train's."""
+    return resources.workers == 1
+
+
+def trial_cpus(resources: ResourcesSpec) -> float:
+    """Logical CPUs one trial holds: its worker's in its own process, or its driver's and its
+    Train workers'."""
+    if in_trial_process(resources):
+        return resources.cpus_per_worker
+    return TRIAL_DRIVER_CPUS + resources.workers * resources.cpus_per_worker
+
+
+def trial_resources(resources: ResourcesSpec) -> dict[str, float] | None:
+    """What a one-worker Tune trial asks for (its worker's CPUs and GPUs); None for a
+    multi-worker trial, whose driver keeps Tune's default of 1 CPU."""
+    if not in_trial_process(resources):
+        return None
+    return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
 
 
 def check_capacity(resources: ResourcesSpec) -> None:
@@ -92,12 +115,16 @@ def capacity_problem(
         return None  # the autoscaler adds nodes of a shape that fits a worker
     placed = sum(_workers_on(shape, cpus, gpus) for shape in live)
     total_cpus = sum(shape.get("CPU", 0) for shape in live)
-    need_cpus = resources.workers * cpus + TRIAL_DRIVER_CPUS + DATA_CPUS
+    need_cpus = trial_cpus(resources) + DATA_CPUS
     if placed < resources.workers or total_cpus < need_cpus:
+        driver = (
+            ""
+            if in_trial_process(resources)
+            else f" plus {_amount(TRIAL_DRIVER_CPUS, 'CPU')} for its driver"
+        )
         return (
-            f"one trial needs {resources.workers} worker(s) of {asked} plus "
-            f"{_amount(TRIAL_DRIVER_CPUS, 'CPU')} for its driver and {DATA_CPUS:g} for reading "
-            f"data; this cluster has "
+            f"one trial needs {resources.workers} worker(s) of {asked}{driver} and "
+            f"{DATA_CPUS:g} for reading data; this cluster has "
             f"{_amount(total_cpus, 'CPU')} and room for {placed} such worker(s): lower "
             "resources.workers / cpus_per_worker or use a larger cluster"
         )

@@ -39,7 +39,7 @@ class TrialReport(TuneReportCallback):
 
 def restart_line(trial_id: str, result: dict[str, Any]) -> str:
     """What the search prints at the first result after a restart of the trial's Train run."""
-    epoch = int(result.get("training_iteration", 1))
+    epoch = int(result.get("epoch") or result.get("training_iteration", 1))
     nodes = sorted({short(node) for node in str(result.get(WORKER_NODES_KEY, "")).split(",")})
     reason = result.get(RESTART_REASON_KEY) or "unknown failure"
     resumed = f"its checkpoint of epoch {epoch - 1}" if epoch > 1 else "the start"

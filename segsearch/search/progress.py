@@ -36,7 +36,7 @@ class TrialProgress(Callback):
         if restarts > self._restarts.get(trial.trial_id, 0):
             self._restarts[trial.trial_id] = restarts
             self.echo(failover.restart_line(trial.trial_id, result))
-        epoch = result.get("training_iteration", "?")
+        epoch = result_epoch(result)
         score = result.get(self.metric, math.nan)
         speed = result.get("images_per_s", math.nan)
         self.echo(
@@ -45,7 +45,7 @@ class TrialProgress(Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        done = (trial.last_result or {}).get("training_iteration", 0)
+        done = result_epoch(trial.last_result or {})
         how = "finished" if done >= self.epochs else f"stopped early after epoch {done}"
         self.echo(f"trial {trial.trial_id} {how}")
 
@@ -53,6 +53,13 @@ class TrialProgress(Callback):
         self.echo(f"trial {trial.trial_id} failed: {_last_error_line(trial.error_file)}")
         if trial.error_file:
             self.echo(f"  full traceback: {trial.error_file}")
+
+
+def result_epoch(result: dict[str, Any]) -> int:
+    """The epoch a Tune result is about: the trial's own `epoch`, not Tune's iteration count,
+    which starts again from 1 when Tune restarts a trial (a retry, or `--resume`)."""
+    epoch = result.get("epoch")
+    return int(epoch if epoch is not None else result.get("training_iteration") or 0)
 
 
 def print_line(line: str) -> None:
@@ -79,21 +86,29 @@ def describe(config: dict[str, Any]) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]], *, metric: str) -> str:
-    """A plain-text table of trials: id, metric, epochs run, and the key parameters."""
-    header = ["trial", metric, "epochs", "params"]
+    """A plain-text table of trials: id, the score of its best epoch and which epoch that was,
+    the last epoch's score, epochs run, and the key parameters."""
+    header = ["trial", metric, "best epoch", "last", "epochs", "params"]
     lines = [header] + [
         [
             row["trial_id"],
-            "nan" if row[metric] is None else f"{row[metric]:.4f}",
+            _score(row[metric]),
+            "-" if row.get("best_epoch") is None else str(row["best_epoch"]),
+            _score(row.get("last")),
             str(row["epochs"]),
             describe(row["config"]),
         ]
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    columns = len(header) - 1
+    widths = [max(len(line[i]) for line in lines) for i in range(columns)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line[:3], widths, strict=True))
+        "  ".join(cell.ljust(width) for cell, width in zip(line[:columns], widths, strict=True))
         + "  "
-        + line[3]
+        + line[columns]
         for line in lines
     )
+
+
+def _score(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4f}"

@@ -1,15 +1,17 @@
-"""One trial's training: `train_loop_per_worker` runs on every Ray Train worker (DDP)."""
+"""One trial's training: `train`, run by every Ray Train worker of a multi-worker trial (DDP,
+`train_loop_per_worker`) or in a one-worker trial's own process."""
 
 from __future__ import annotations
 
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray.train
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -27,29 +29,41 @@ from segsearch.checkpoint import (
 from segsearch.config import OptimConfig, TrialConfig
 from segsearch.data.augment import build_augment
 from segsearch.data.format import DatasetInfo
-from segsearch.errors import UserError, last_line
 from segsearch.losses import build_loss
+from segsearch.manifest import trial_manifest
 from segsearch.metrics import ConfusionMatrix
 from segsearch.models import build_model, count_parameters
 from segsearch.search import placement
+from segsearch.search.system_metrics import SystemSampler
+from segsearch.search.worker import Worker, ray_train_worker
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
+
+if TYPE_CHECKING:
+    from segsearch.data.trial_data import TrialData
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on every worker of a multi-worker trial (DDP): `train` with Train's
+    rank, device, data shards, checkpoint and reports."""
+    train(config, ray_train_worker())
+
+
+def train(config: dict[str, Any], worker: Worker) -> None:
     """Train one trial's model; report metrics and a checkpoint every epoch (rank 0 writes it).
 
-    `config` holds `trial` (the TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its
-    URI), `overlay` (a few fixed validation images and masks at the trial's image size, for
-    pictures) and `launched_at` (wall-clock time the trial started, to report start-up time).
+    The one training loop of both paths: a Ray Train worker (`train_loop_per_worker`) or the
+    Tune trial's own process (a one-worker trial, `trial.py`). `config` holds `trial` (the
+    TrialConfig), `dataset_info` (the DatasetInfo), `dataset` (its URI), `data` (the TrialData
+    its batches come from), `overlay` (a few fixed validation images and masks at the trial's
+    image size, for pictures), `launched_at` (when the trial's function started, to report
+    start-up time) and `timings` (when each start-up stage before this loop ended, reported
+    with the loop's own in `startup_at`).
     """
-    import ray.train
-    import ray.train.torch
-
     trial: TrialConfig = config["trial"]
     info: DatasetInfo = config["dataset_info"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    timings = {**config.get("timings", {}), "loop": time.time()}
+    data: TrialData = config["data"]
+    rank, world, device = worker.rank, worker.world, worker.device
     on_gpu = device.type == "cuda"
     torch.manual_seed(trial.seed + rank)
 
@@ -57,13 +71,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_params = count_parameters(model)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = worker.prepare_model(model)
     net = unwrap(model)  # the plain module: where only some ranks run forward (no collectives)
     loss_fn = build_loss(
         trial.loss,
         num_classes=info.num_classes,
         ignore_index=info.ignore_index,
         class_pixel_counts=info.class_pixel_counts,
+        class_image_pixels=info.class_image_pixels,
     )
     augment = build_augment(trial.aug, ignore_index=info.ignore_index)
     steps_per_epoch = max(1, info.splits["train"] // (world * trial.batch_size))
@@ -71,24 +86,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(trial.optim, steps_per_epoch, trial.epochs)
     )
-    restored = ray.train.get_checkpoint()
+    restored = worker.checkpoint()
     start_epoch, last_metrics = _restore(restored, net, optimizer, scheduler)
-    if start_epoch >= trial.epochs:
-        # The run had finished when its trial was interrupted: report its result again, so the
-        # resumed trial ends with its metrics and checkpoint instead of an empty result.
-        ray.train.report(last_metrics, checkpoint=restored if rank == 0 else None)
-        return
+    if restored is not None:
+        # Report the restored epoch again: a trial stopped between its checkpoint and the upload
+        # of Tune's result file would otherwise miss that epoch in its history (ASHA, Optuna and
+        # MLflow keep an epoch once). A run that had finished ends here, with its result.
+        worker.report(last_metrics, restored if rank == 0 else None)
+        if start_epoch >= trial.epochs:
+            return
     normalize = _Normalizer(info, device)
     generator = torch.Generator(device=device).manual_seed(trial.seed * 1000 + rank)
+    timings["model"] = time.time()
     startup_s = None
+    manifest = (
+        trial_manifest(
+            trial, dataset=config["dataset"], splits=info.splits, device=device, workers=world
+        )
+        if rank == 0
+        else None
+    )
+    system = SystemSampler() if rank == 0 else None
 
     for epoch in range(start_epoch + 1, trial.epochs + 1):
+        epoch_started_at = time.time()
         started = time.perf_counter()
         model.train()
         loss_sum, images = 0.0, 0
-        for image, mask in _batches(ray.train.get_dataset_shard("train"), trial, device, True):
+        epoch_batches = data.batches("train", rank=rank, world=world, epoch=epoch)
+        for image, mask in _batches(epoch_batches, device):
             if startup_s is None:
-                startup_s = time.time() - config["launched_at"]
+                timings["first_batch"] = time.time()
             image, mask = augment(image, mask, generator=generator)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
                 logits = model(normalize(image))
@@ -99,10 +127,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             loss_sum += loss.item() * len(image)
             images += len(image)
+            if startup_s is None:
+                timings["first_step"] = time.time()
+                startup_s = timings["first_step"] - config["launched_at"]
         train_time = time.perf_counter() - started
         loss_sum, images = _sum_across_workers([loss_sum, images], device)
 
-        matrix = _evaluate(net, ray.train.get_dataset_shard("val"), trial, info, normalize, device)
+        val_batches = data.batches("val", rank=rank, world=world, epoch=epoch)
+        matrix = _evaluate(net, val_batches, info, normalize, device)
         scores = matrix.compute()
         metrics = {
             "epoch": epoch,
@@ -112,11 +144,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_pixel_acc": scores["pixel_acc"],
             **{f"val_iou_{c}": iou for c, iou in zip(info.classes, scores["iou"], strict=True)},
             "epoch_time_s": time.perf_counter() - started,
+            "epoch_started_at": epoch_started_at,
             "images_per_s": images / max(train_time, 1e-9),
             "num_params": num_params,
             "lr": scheduler.get_last_lr()[0],
             "startup_s": startup_s,
-            placement.RESULT_KEY: placement.current_group_id(),
+            "startup_at": dict(timings),
+            placement.RESULT_KEY: worker.placement_group,
+            **(system.take() if system else {}),
             placement.NODE_KEY: placement.current_node_id(),
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -128,10 +163,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
                 }
-                save_checkpoint(Path(tmp), net, meta, metrics=metrics, train_state=train_state)
+                save_checkpoint(
+                    Path(tmp),
+                    net,
+                    meta,
+                    metrics=metrics,
+                    train_state=train_state,
+                    manifest=manifest,
+                )
                 _write_pictures(Path(tmp), net, config.get("overlay"), scores, info)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            worker.report(metrics, checkpoint)
 
 
 class _Normalizer:
@@ -146,41 +188,19 @@ class _Normalizer:
 
 
 def _batches(
-    shard: Any, trial: TrialConfig, device: torch.device, training: bool
+    batches: Iterable[dict[str, np.ndarray]], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from a Ray Data shard."""
-    batches = shard.iter_batches(
-        batch_size=trial.batch_size,
-        batch_format="numpy",
-        drop_last=training,
-        local_shuffle_buffer_size=4 * trial.batch_size if training else None,
-        local_shuffle_seed=trial.seed if training else None,
-    )
-    for batch in _data_stream(batches):
+    """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from numpy batches."""
+    for batch in batches:
         image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
         mask = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(device)
         yield image.permute(0, 3, 1, 2).float().div_(255), mask.long()
 
 
-def _data_stream(batches: Any) -> Iterator[dict[str, np.ndarray]]:
-    """The shard's batches; a failure to read or decode them is the data's (Ray Data already
-    retried its tasks), so it becomes a one-line UserError that fails the trial, never retried."""
-    iterator = iter(batches)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as err:
-            raise UserError(f"reading the data failed: {last_line(err)}") from None
-        yield batch
-
-
 @torch.no_grad()
 def _evaluate(
     net: nn.Module,
-    shard: Any,
-    trial: TrialConfig,
+    batches: Iterable[dict[str, np.ndarray]],
     info: DatasetInfo,
     normalize: _Normalizer,
     device: torch.device,
@@ -188,7 +208,7 @@ def _evaluate(
     net.eval()
     matrix = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     on_gpu = device.type == "cuda"
-    for image, mask in _batches(shard, trial, device, False):
+    for image, mask in _batches(batches, device):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits = net(normalize(image))
         matrix.update(logits.argmax(1), mask)
@@ -251,13 +271,17 @@ def _write_pictures(
     scores: dict[str, Any],
     info: DatasetInfo,
 ) -> None:
-    """The epoch's overlays (fixed val images | truth | prediction), confusion matrix, IoUs."""
+    """The epoch's overlays (fixed val images | truth | prediction), confusion matrix, IoUs.
+
+    Rank 0 draws them before it reports, so every worker waits: numpy and PIL only, and one
+    forward pass without autograd over the handful of overlay images (bench/pictures.py)."""
     if overlay:
         images, masks = overlay["image"], overlay["mask"]
         device = next(net.parameters()).device
         batch = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
         net.eval()
-        preds = net(_Normalizer(info, device)(batch)).argmax(1).cpu().numpy()
+        with torch.inference_mode():
+            preds = net(_Normalizer(info, device)(batch)).argmax(1).cpu().numpy()
         picture = render_overlays(
             images, masks, preds, classes=info.classes, ignore_index=info.ignore_index
         )

@@ -1,10 +1,11 @@
-"""One trial of a search: what every trial shares, and the Tune trainable that runs it as a Ray
-Train job (a new Train run resumes the old one after a failure; bad data is never retried)."""
+"""One trial of a search: what every trial shares, and the Tune trainable that runs it, in its
+own process (one worker) or as a Ray Train job (several); a failed run resumes from its last
+checkpoint, bad data is never trained on again."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,11 @@ import numpy as np
 from ray.tune import Callback
 
 from segsearch.config import TrialConfig
+from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset
+from segsearch.data.trial_data import SearchData, TrialData
 from segsearch.errors import UserError, last_line, user_error_in
+from segsearch.search.capacity import in_trial_process
 from segsearch.search.failover import TrialReport, failure_reason
 from segsearch.search.progress import print_line
 from segsearch.space import ResourcesSpec, nest
@@ -23,6 +27,9 @@ OVERLAY_IMAGES = 4
 #: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
 #: data found mid-trial) is never retried.
 TRAIN_RETRIES = 1
+#: Checkpoints a Train run keeps besides its latest (which resumes it): the best by the search's
+#: metric, so a trial offers the model of its best epoch, not of its last.
+CHECKPOINTS_KEPT = 2
 #: A trial's result history as Tune writes it in the trial's folder.
 TRIAL_HISTORY_FILES = ("result.json", "progress.csv")
 
@@ -36,7 +43,37 @@ class TrialContext:
     storage: str
     epochs: int
     resources: ResourcesSpec
+    data: SearchData
     overlay: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    metric: str = "val_miou"
+    mode: str = "max"
+    #: The splits a trial trains on; with "val" among them (a refit on train+val) nothing is
+    #: held out, and the run keeps its latest checkpoints instead of its best.
+    train_splits: tuple[str, ...] = ("train",)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether val is kept out of training, so its scores rank epochs and trials."""
+        return "val" not in self.train_splits
+
+    def training_info(self) -> DatasetInfo:
+        """The DatasetInfo one trial trains with: its `train` counts the images of every
+        training split (which sizes the lr schedule)."""
+        info = self.dataset.info
+        images = sum(info.splits[split] for split in self.train_splits)
+        return replace(info, splits={**info.splits, "train": images})
+
+    def checkpoint_config(self) -> Any:
+        """Keep the latest checkpoint (resume) and the best by the metric (promotion)."""
+        import ray.train
+
+        if not self.held_out:
+            return ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
+        return ray.train.CheckpointConfig(
+            num_to_keep=CHECKPOINTS_KEPT,
+            checkpoint_score_attribute=self.metric,
+            checkpoint_score_order=self.mode,
+        )
 
 
 class KeepTrialHistory(Callback):
@@ -65,22 +102,37 @@ class KeepTrialHistory(Callback):
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """Tune's trainable: run one trial as a Ray Train job and let TuneReportCallback relay it.
+    """Tune's trainable: train one trial in this process (one worker) or as a Ray Train job.
 
-    A failed Train run starts again from its last checkpoint (same run name), at most
-    TRAIN_RETRIES times; a failure caused by a UserError (bad data met mid-trial) is raised at
-    once as that one line, since running it again would meet the same data.
+    A one-worker trial trains here, in the process (and with the resources) Tune gave the
+    trial: no Train controller or worker group to start, and a reused process has torch
+    imported already. Tune retries it once (`tune_retries`) from its last checkpoint.
+
+    A multi-worker trial is a Train run (DDP); failover.TrialReport relays its reports. A failed
+    Train run starts again from its last checkpoint (same run name), at most TRAIN_RETRIES
+    times.
+
+    Either way a failure caused by a UserError (bad data met mid-trial) is raised as that one
+    line and never trained again, since running it again would meet the same data.
     """
+    timings = {"entered": time.time()}
     import ray.tune
-    from ray.train import TrainingFailedError
 
+    import segsearch.search.train  # noqa: F401  (torch and the models: once per process)
+
+    timings["imported"] = time.time()
     trial = TrialConfig.from_dict({**nest(config), "epochs": context.epochs})
     trial_id = ray.tune.get_context().get_trial_id()
+    if in_trial_process(context.resources):
+        _train_here(trial, trial_id, context, timings)
+        return
+    from ray.train import TrainingFailedError
+
     reason = None
     for attempt in range(TRAIN_RETRIES + 1):
         report = TrialReport(restarts=attempt, reason=reason)
         try:
-            _trainer(trial, trial_id, context, report).fit()
+            _trainer(trial, trial_id, context, timings, report).fit()
             return
         except TrainingFailedError as err:
             found = user_error_in(err)
@@ -91,44 +143,139 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             reason = failure_reason(err)
 
 
-def _trainer(trial: TrialConfig, trial_id: str, context: TrialContext, report: TrialReport) -> Any:
+def trainable(context: TrialContext) -> Any:
+    """Tune's trainable for the trials of `context`: run_trial with the context shipped once,
+    holding the worker's resources when the trial trains in its own process."""
+    import ray.tune
+
+    from segsearch.search.capacity import trial_resources
+
+    function = ray.tune.with_parameters(run_trial, context=context)
+    resources = trial_resources(context.resources)
+    return function if resources is None else ray.tune.with_resources(function, resources)
+
+
+def tune_retries(resources: ResourcesSpec) -> int:
+    """Times Tune restarts a failed trial: a one-worker trial's process is its worker, so Tune
+    retries it; a multi-worker trial retries its Train run itself (run_trial)."""
+    return TRAIN_RETRIES if in_trial_process(resources) else 0
+
+
+def _train_here(
+    trial: TrialConfig,
+    trial_id: str,
+    context: TrialContext,
+    timings: dict[str, float],
+) -> None:
+    """A one-worker trial in this process, resumed from its RunFolder's last checkpoint.
+
+    A data error is kept there for this driver's job: Tune's retry fails at once with the same
+    line, while `--resume` (a new job, maybe after the data was fixed) trains again.
+    """
+    import ray
+
+    from segsearch.search.train import train
+    from segsearch.search.worker import RunFolder, TrialProcessWorker, trial_device
+
+    run = RunFolder(
+        f"{_runs_folder(context)}/{_run_name(trial_id)}",
+        metric=context.metric if context.held_out else None,
+        mode=context.mode,
+    )
+    job = ray.get_runtime_context().get_job_id()
+    earlier = run.bad_data(job)
+    if earlier is not None:
+        raise UserError(earlier)
+    try:
+        data, info = _trial_data(trial, context)
+        timings["data"] = time.time()
+        device = trial_device(context.resources.gpus_per_worker)
+        worker = TrialProcessWorker(run=run, device=device)
+        train(_loop_config(trial, context, timings, data, info), worker)
+    except UserError as err:
+        run.mark_bad_data(str(err), job)
+        raise
+
+
+def _trainer(
+    trial: TrialConfig,
+    trial_id: str,
+    context: TrialContext,
+    timings: dict[str, float],
+    report: TrialReport,
+) -> Any:
     """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from segsearch.data.ray_data import load_splits
     from segsearch.search.train import train_loop_per_worker
 
-    datasets = load_splits(context.dataset, image_size=trial.image_size)
+    data, info = _trial_data(trial, context)
+    timings["data"] = time.time()
     wanted = context.resources
     resources = {"CPU": wanted.cpus_per_worker}
     if wanted.gpus_per_worker:
         resources["GPU"] = wanted.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "trial": trial,
-            "dataset": context.dataset.uri,
-            "dataset_info": context.dataset.info,
-            "overlay": overlay_at(context.overlay, trial.image_size),
-            "launched_at": time.time(),
-        },
+        train_loop_config=_loop_config(trial, context, timings, data, info),
         scaling_config=ray.train.ScalingConfig(
             num_workers=wanted.workers,
             use_gpu=wanted.gpus_per_worker > 0,
             resources_per_worker=resources,
             placement_strategy=wanted.placement_strategy,
         ),
-        datasets=datasets,
+        datasets=data.trainer_datasets(wanted.workers),
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}",
-            storage_path=f"{context.storage.rstrip('/')}/{context.search_name}-train",
+            name=_run_name(trial_id),
+            storage_path=_runs_folder(context),
             failure_config=ray.train.FailureConfig(max_failures=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=context.checkpoint_config(),
             callbacks=[report],
         ),
     )
+
+
+def _trial_data(trial: TrialConfig, context: TrialContext) -> tuple[TrialData, DatasetInfo]:
+    """Where the trial's batches come from (`train` the union of its training splits) and the
+    DatasetInfo that counts them."""
+    data = context.data.for_trial(
+        image_size=trial.image_size,
+        batch_size=trial.batch_size,
+        seed=trial.seed,
+        train_splits=context.train_splits,
+    )
+    return data, context.training_info()
+
+
+def _loop_config(
+    trial: TrialConfig,
+    context: TrialContext,
+    timings: dict[str, float],
+    data: TrialData,
+    info: DatasetInfo,
+) -> dict[str, Any]:
+    """`train.train`'s config (see there)."""
+    return {
+        "trial": trial,
+        "dataset": context.dataset.uri,
+        "dataset_info": info,
+        "data": data,
+        "overlay": overlay_at(context.overlay, trial.image_size),
+        "launched_at": timings["entered"],
+        "timings": dict(timings),
+    }
+
+
+def _runs_folder(context: TrialContext) -> str:
+    """Where the search's trials keep their runs' checkpoints (Train's storage_path)."""
+    return f"{context.storage.rstrip('/')}/{context.search_name}-train"
+
+
+def _run_name(trial_id: str) -> str:
+    """A trial's run: its Train run's name, or, for a one-worker trial, its RunFolder's."""
+    return f"train-{trial_id}"
 
 
 def overlay_batch(dataset: OpenedDataset) -> dict[str, list[np.ndarray]]:

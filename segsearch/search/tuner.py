@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,41 @@ from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
+from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
-from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
-from segsearch.search.capacity import TRIAL_DRIVER_CPUS, check_capacity
+from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
+from segsearch.search.capacity import check_capacity, trial_cpus
+from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress, format_table, print_line
-from segsearch.search.trial import KeepTrialHistory, TrialContext, overlay_batch, run_trial
-from segsearch.space import SearchSpec, nest
+from segsearch.search.refit import (
+    Compute,
+    checkpoint_uri,
+    chosen_refit,
+    evaluate_on_test,
+    refit_path,
+    refit_phase,
+    refit_rows,
+    refit_tuner,
+    spent,
+    training_images,
+)
+from segsearch.search.study import (
+    StudySearch,
+    check_new_study,
+    load_study,
+    registered,
+    resolve_study_storage,
+)
+from segsearch.search.trial import (
+    KeepTrialHistory,
+    TrialContext,
+    overlay_batch,
+    trainable,
+    tune_retries,
+)
+from segsearch.search.warm_start import warm_start_points
+from segsearch.space import SearchSpec, nest, search_image_sizes
 from segsearch.tracking import SearchTracker
 
 #: Logical CPUs kept free for Ray Data's read and decode tasks when sizing concurrency.
@@ -34,6 +64,10 @@ DATA_CPU_RESERVE = 1.0
 #: (its run is then ended as lost on resume). A save writes a few small files; an upload starts
 #: only when the previous one is done.
 STATE_SAVE_PERIOD_S = 1
+#: What --dashboard prints when Ray runs no dashboard this process can name.
+_NO_DASHBOARD = "none (Ray was already running in this process, or the cluster runs none)"
+#: Ray 2.60 guards its dashboard with a token by default; the token itself is never printed.
+_DASHBOARD_TOKEN = "it asks for Ray's token when auth is on: `ray get-auth-token` prints it"
 
 
 class SearchInterrupted(Exception):
@@ -47,7 +81,8 @@ class SearchInterrupted(Exception):
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The outcome of a search: the best trial and a row per trial."""
+    """The outcome of a search: the best trial and a row per trial (scored by its best epoch);
+    with a refit, a row per refit trial; the compute spent; the final model's test scores."""
 
     name: str
     metric: str
@@ -58,6 +93,15 @@ class SearchResult:
     best_checkpoint: str | None
     trials: list[dict[str, Any]]
     experiment_path: str
+    refit: list[dict[str, Any]] = field(default_factory=list)
+    compute: Compute | None = None
+    test: Any = None  # segsearch.serve.evaluate.Evaluation of the final model, if scored
+
+    @property
+    def final_checkpoint(self) -> str | None:
+        """The model the search ends with: its chosen refit's, else its best trial's."""
+        chosen = chosen_refit(self.refit)
+        return chosen["checkpoint"] if chosen else self.best_checkpoint
 
     @property
     def worst_metric(self) -> float | None:
@@ -67,7 +111,31 @@ class SearchResult:
         return min(scores) if self.mode == "max" else max(scores)
 
     def table(self) -> str:
-        return format_table(self.trials, metric=self.metric)
+        table = format_table(self.trials, metric=self.metric)
+        if self.refit:
+            table += "\n\nrefit:\n" + format_table(self.refit, metric=self.metric)
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (`segsearch search --json`): every trial but its history."""
+        fields = ("name", "metric", "mode", "best_trial_id", "best_metric", "best_config")
+        data = {name: getattr(self, name) for name in fields}
+        data["best_checkpoint"] = self.best_checkpoint
+        data["experiment_path"] = self.experiment_path
+        data["trials"] = [{k: v for k, v in t.items() if k != "history"} for t in self.trials]
+        return data
+
+    def to_dataframe(self, *, history: bool = False) -> Any:
+        """The trials as a pandas DataFrame: a row per trial (id, score, epochs, error,
+        checkpoint, a column per parameter), or with `history` a row per trial and epoch."""
+        import pandas as pd
+
+        if history:
+            return pd.DataFrame(
+                [{"trial_id": t["trial_id"], **row} for t in self.trials for row in t["history"]]
+            )
+        columns = ("trial_id", self.metric, "epochs", "error", "checkpoint")
+        return pd.DataFrame([{**{c: t[c] for c in columns}, **t["config"]} for t in self.trials])
 
 
 def run_search(
@@ -79,6 +147,8 @@ def run_search(
     address: str | None = None,
     tracking_uri: str | None = None,
     space_path: str | Path | None = None,
+    optuna_storage: str | None = None,
+    dashboard: bool = False,
     echo: Callable[[str], None] = print_line,
 ) -> SearchResult:
     """Run (or resume) a search described by `spec` over the dataset at `dataset`.
@@ -86,8 +156,11 @@ def run_search(
     Everything a user can get wrong (space, dataset, storage, tracking server, resources the
     cluster cannot give) is checked before anything is written. Every trial is tracked in MLflow
     (`tracking_uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) under an experiment
-    named after the search. Raises SearchInterrupted after Ctrl-C (runs marked KILLED); any
-    error after the parent run opened ends it as FAILED, and a UserError stays one line.
+    named after the search; its Optuna study, of the same name, is kept in `optuna_storage` (see
+    `resolve_study_storage`). `dashboard` starts a local Ray with its dashboard and prints
+    the URL (a joined cluster's, if it runs one). Raises SearchInterrupted after Ctrl-C (runs
+    marked KILLED); any error after the parent run opened ends it as FAILED, and a UserError
+    stays one line.
     """
     from segsearch.ray_setup import init_ray, quiet_ray
 
@@ -99,8 +172,21 @@ def run_search(
     storage = resolve_storage(storage)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     can_restore = _can_restore(experiment_path, resume=resume, name=spec.name)
+    restore_refit = spec.refit is not None and _can_restore(
+        refit_path(storage, spec.name), resume=resume, name=spec.name
+    )
     check_tracking_server(resolve_tracking_uri(tracking_uri))
-    init_ray(address)
+    study_url = resolve_study_storage(
+        optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
+    )
+    points = [] if can_restore else _new_study(spec, study_url, tracking_uri, echo)
+    url = init_ray(address, dashboard=dashboard)
+    if dashboard:
+        echo(
+            f"Ray dashboard: {url} ({_DASHBOARD_TOKEN})"
+            if url
+            else f"Ray dashboard: {_NO_DASHBOARD}"
+        )
     check_capacity(spec.resources)
     tracker = SearchTracker.start(
         tracking_uri=tracking_uri,
@@ -109,91 +195,242 @@ def run_search(
         dataset_uri=dataset,
         dataset_info=info,
         dataset_fingerprint=dataset_fingerprint(dataset, info.splits),
-        settings=_settings(spec),
+        settings={**_settings(spec), "optuna_storage": without_password(study_url)},
         epochs=spec.epochs,
+        metric=spec.metric,
     )
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
+    # Built at the first Tuner (inside _fit, so a failure ends the search's run) and shared by
+    # the refit: the data is decoded once for both.
+    context = functools.cache(lambda: _trial_context(spec, opened, storage, echo))
+    with registered(spec.name, study_url):
+        grid, wall_s = _fit(
+            lambda: _tuner(
+                spec, context(), tracker, study_url, points, restore=can_restore, echo=echo
+            ),
+            tracker,
+            trials=spec.trials,
+            interrupted=SearchInterrupted(spec.name, experiment_path),
+        )
+    result = _summarize(grid, spec, experiment_path)
+    image_epochs, worker_s = spent(
+        result.trials, images=info.splits["train"], resources=spec.resources
+    )
+    compute = Compute(
+        search_image_epochs=image_epochs,
+        search_wall_s=wall_s,
+        search_worker_s=worker_s,
+        train_images=info.splits["train"],
+    )
+    refit_grid: Any = ()
+    if spec.refit is not None:
+        searched = (grid, result, compute)
+        refit_grid, result, compute = _refit(
+            spec, context(), tracker, searched, restore=restore_refit, echo=echo
+        )
+    refit = chosen_refit(result.refit)
+    final = refit or (result.trials[0] if result.best_trial_id else None)
+    evaluation = None
+    if final is not None and final["checkpoint"]:
+        model = checkpoint_uri(final["checkpoint"], storage)
+        try:
+            evaluation = evaluate_on_test(model, dataset, info, echo)
+        except KeyboardInterrupt:
+            tracker.interrupted()
+            raise SearchInterrupted(spec.name, experiment_path) from None
+    summary = tracker.finish(
+        grid,
+        metric=spec.metric,
+        mode=spec.mode,
+        refit=refit_grid,
+        refit_choice=refit["trial_id"] if refit is not None else None,
+        parent_metrics=compute.metrics(),
+        evaluation=evaluation,
+        evaluated_trial=final["trial_id"] if evaluation is not None else None,
+        study=_finished_study(spec.name, study_url, echo),
+    )
+    echo(compute.describe())
+    if refit is not None:
+        echo(
+            f"refit model: trial {refit['trial_id']} (refit of {refit['refit_of']}), "
+            f"checkpoint {refit['checkpoint']}"
+        )
+    if evaluation is not None:
+        echo(f"final model (trial {final['trial_id']}):\n{evaluation.table()}")
+    echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
+    return replace(result, compute=compute, test=evaluation)
+
+
+def _fit(
+    make_tuner: Callable[[], Any],
+    tracker: SearchTracker,
+    *,
+    trials: int,
+    interrupted: SearchInterrupted,
+) -> tuple[Any, float]:
+    """Run a Tuner to its end: (its ResultGrid, wall seconds). After Ctrl-C the tracker ends
+    the search interrupted and `interrupted` is raised; any other error ends it FAILED, and a
+    UserError stays one line."""
+    started = time.monotonic()
     try:
-        tuner = _tuner(spec, opened, storage, tracker, restore=can_restore, echo=echo)
+        tuner = make_tuner()
         with _StopSignalWatch() as stop_signal:
             grid = tuner.fit()
     except KeyboardInterrupt:
         tracker.interrupted()
-        raise SearchInterrupted(spec.name, experiment_path) from None
+        raise interrupted from None
     except BaseException as err:
         tracker.failed(last_line(err))
         found = user_error_in(err)
-        if found is not None:
-            raise UserError(str(found)) from None
+        if found is not None:  # of its own kind: ServiceUnavailable keeps its exit code
+            raise type(found)(str(found)) from None
         raise
-    if stop_signal.seen or _interrupted(grid, spec):
+    if stop_signal.seen or _interrupted(grid, trials):
         tracker.interrupted()
-        raise SearchInterrupted(spec.name, experiment_path)
-    summary = tracker.finish(grid, metric=spec.metric, mode=spec.mode)
-    echo(f"MLflow: experiment {spec.name!r}, search run {summary.parent_run_id}")
-    return _summarize(grid, spec, experiment_path)
+        raise interrupted
+    return grid, time.monotonic() - started
+
+
+def _refit(
+    spec: SearchSpec,
+    context: TrialContext,
+    tracker: SearchTracker,
+    searched: tuple[Any, SearchResult, Compute],
+    *,
+    restore: bool,
+    echo: Callable[[str], None],
+) -> tuple[Any, SearchResult, Compute]:
+    """Train the search's top_k configurations again (spec.refit), given the search's
+    (ResultGrid, SearchResult, Compute): the refit's ResultGrid, the result with the refit's
+    rows, and the compute with the refit's."""
+    assert spec.refit is not None
+    search_grid, result, compute = searched
+    phase = refit_phase(result.trials, spec.refit, spec.metric)
+    if not phase.sources:
+        echo("refit: skipped, no trial reported a score")
+        return (), result, compute
+    tracker.begin_refit(search_grid, phase)
+    grid, wall_s = _fit(
+        lambda: refit_tuner(
+            phase,
+            context,
+            name=spec.name,
+            storage=context.storage,
+            tracker=tracker,
+            concurrency=_concurrency(spec, echo),
+            restore=restore,
+            echo=echo,
+        ),
+        tracker,
+        trials=len(phase.sources),
+        interrupted=SearchInterrupted(spec.name, result.experiment_path),
+    )
+    rows = refit_rows(grid, phase, metric=spec.metric, mode=spec.mode)
+    images = training_images(context.dataset.info, spec.refit.on)
+    image_epochs, worker_s = spent(rows, images=images, resources=spec.resources)
+    compute = replace(
+        compute, refit_image_epochs=image_epochs, refit_wall_s=wall_s, refit_worker_s=worker_s
+    )
+    return grid, replace(result, refit=rows), compute
+
+
+def _trial_context(
+    spec: SearchSpec, dataset: OpenedDataset, storage: str, echo: Callable[[str], None]
+) -> TrialContext:
+    """What every trial of the search shares (a refit changes its epochs and splits), with the
+    data decoded once for all of them when it fits (trial_data.py)."""
+    data = SearchData.build(dataset, image_sizes=search_image_sizes(spec))
+    echo(data.describe())
+    return TrialContext(
+        search_name=spec.name,
+        dataset=dataset,
+        storage=storage,
+        epochs=spec.epochs,
+        resources=spec.resources,
+        data=data,
+        overlay=overlay_batch(dataset),
+        metric=spec.metric,
+        mode=spec.mode,
+    )
+
+
+def _finished_study(name: str, url: str, echo: Callable[[str], None]) -> Any:
+    """The search's study, for the parent run's pictures (None, said, when it cannot be read)."""
+    try:
+        return load_study(name, url)
+    except UserError as err:
+        echo(f"warning: no Optuna pictures: {err}")
+        return None
+
+
+def _new_study(
+    spec: SearchSpec, url: str, tracking_uri: str | None, echo: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Check that a new search starts its own study; the warm-start configurations it tries
+    first."""
+    if spec.warm_start and spec.warm_start.search == spec.name:
+        raise UserError(f"warm_start: {spec.name!r} is this search; name an earlier one")
+    check_new_study(spec.name, url)
+    shown = without_password(url)
+    echo(f"Optuna: study {spec.name!r} in {shown} (watch it: optuna-dashboard {shown})")
+    return warm_start_points(spec, url, tracking_uri=resolve_tracking_uri(tracking_uri), echo=echo)
 
 
 def _tuner(
     spec: SearchSpec,
-    dataset: OpenedDataset,
-    storage: str,
+    context: TrialContext,
     tracker: SearchTracker,
+    study_url: str,
+    points: list[dict[str, Any]],
     *,
     restore: bool,
     echo: Callable[[str], None],
 ) -> Any:
     """The Tuner of a new search, or of the earlier one restored.
 
-    Tune itself does not retry a failed trial (`max_failures=0`): run_trial already starts a
-    failed Train run again from its checkpoint, unless the failure is bad input; an errored
-    trial is retried by `--resume`.
+    A multi-worker trial's failed Train run is started again from its checkpoint by run_trial,
+    so Tune does not retry it; a one-worker trial trains in Tune's own process, so Tune retries
+    it (`tune_retries`), and it resumes from its checkpoint. Bad input is never retried (the
+    retry fails at once with the first attempt's line); an errored trial is retried by
+    `--resume`. Tune reuses a finished trial's process for the next trial (`reuse_actors`), so
+    a one-worker trial finds torch and the training code already imported.
     """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    context = TrialContext(
-        search_name=spec.name,
-        dataset=dataset,
-        storage=storage,
-        epochs=spec.epochs,
-        resources=spec.resources,
-        overlay=overlay_batch(dataset),
-    )
-    trainable = ray.tune.with_parameters(run_trial, context=context)
+    storage = context.storage
+    function = trainable(context)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     if restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
         return ray.tune.Tuner.restore(
-            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+            experiment_path, trainable=function, resume_unfinished=True, resume_errored=True
         )
     scheduler = (
         ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epoch",  # a trial Tune restarted counts its iterations from 1 again
             max_t=spec.epochs,
-            grace_period=min(spec.scheduler.grace_period, spec.epochs),
+            grace_period=spec.scheduler.grace_for(spec.epochs),
             reduction_factor=spec.scheduler.reduction_factor,
         )
         if spec.scheduler.kind == "asha"
         else FIFOScheduler()
     )
     return ray.tune.Tuner(
-        trainable,
+        function,
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=OptunaSearch(
-                space=spec.define_by_run, metric=spec.metric, mode=spec.mode, sampler=_sampler(spec)
-            ),
+            search_alg=StudySearch(spec=spec, url=study_url, points_to_evaluate=points),
             scheduler=scheduler,
             num_samples=spec.trials,
             max_concurrent_trials=_concurrency(spec, echo),
+            reuse_actors=True,
         ),
         run_config=ray.tune.RunConfig(
             name=spec.name,
             storage_path=storage,
-            failure_config=ray.tune.FailureConfig(max_failures=0),
+            failure_config=ray.tune.FailureConfig(max_failures=tune_retries(spec.resources)),
             callbacks=[
                 TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
                 tracker.tune_callback(),
@@ -237,12 +474,12 @@ class _StopSignalWatch(logging.Handler):
         self._logger.propagate = self._saved[1]
 
 
-def _interrupted(grid: Any, spec: SearchSpec) -> bool:
+def _interrupted(grid: Any, trials: int) -> bool:
     """Whether Tune returned early: it catches Ctrl-C itself, saves its state and returns the
     trials so far, some still unfinished (or fewer than asked)."""
-    trials = grid._experiment_analysis.trials
-    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    return bool(unfinished) or len(trials) < spec.trials
+    started = grid._experiment_analysis.trials
+    unfinished = [t for t in started if t.status not in ("TERMINATED", "ERROR")]
+    return bool(unfinished) or len(started) < trials
 
 
 def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
@@ -264,9 +501,17 @@ def _settings(spec: SearchSpec) -> dict[str, Any]:
         "metric": spec.metric,
         "mode": spec.mode,
         "trials": spec.trials,
-        "sampler": spec.sampler.model_dump(),
-        "scheduler": spec.scheduler.model_dump(),
+        "sampler": {
+            **spec.sampler.model_dump(),
+            "startup_trials": spec.sampler.startup_for(spec.trials),
+        },
+        "scheduler": {
+            **spec.scheduler.model_dump(),
+            "grace_period": spec.scheduler.grace_for(spec.epochs),
+        },
+        "warm_start": spec.warm_start.model_dump() if spec.warm_start else None,
         "resources": spec.resources.model_dump(),
+        **({"refit": spec.refit.model_dump()} if spec.refit else {}),
     }
 
 
@@ -290,6 +535,7 @@ def check_trial_configs(spec: SearchSpec, info: DatasetInfo, *, samples: int = 1
             num_classes=info.num_classes,
             ignore_index=info.ignore_index,
             class_pixel_counts=info.class_pixel_counts,
+            class_image_pixels=info.class_image_pixels,
         )
         build_augment(trial.aug, ignore_index=info.ignore_index)
         study.tell(ot_trial, 0.0)
@@ -326,9 +572,8 @@ def trial_concurrency(
     if res.gpus_per_worker > 0:
         why = f"{asked} trials need more GPUs than the cluster's {total.get('GPU', 0):g}"
     else:
-        per_trial = TRIAL_DRIVER_CPUS + res.workers * res.cpus_per_worker
         why = (
-            f"{asked} trials of {per_trial:g} CPUs each would leave no CPU of the cluster's "
+            f"{asked} trials of {trial_cpus(res):g} CPUs each would leave no CPU of the cluster's "
             f"{total.get('CPU', 0):g} for reading data"
         )
     return fit, f"max_concurrent: {asked} lowered to {fit}: {why}"
@@ -340,8 +585,7 @@ def concurrency_for(spec: SearchSpec, total: dict[str, float]) -> int:
     if res.gpus_per_worker > 0:
         fit = total.get("GPU", 0) / (res.workers * res.gpus_per_worker)
     else:
-        per_trial = TRIAL_DRIVER_CPUS + res.workers * res.cpus_per_worker
-        fit = (total.get("CPU", 0) - DATA_CPU_RESERVE) / per_trial
+        fit = (total.get("CPU", 0) - DATA_CPU_RESERVE) / trial_cpus(res)
     return max(1, math.floor(fit))
 
 
@@ -384,33 +628,8 @@ def check_writable(path: Path) -> None:
         ) from None
 
 
-def _sampler(spec: SearchSpec) -> Any:
-    import optuna
-
-    if spec.sampler.kind == "random":
-        return optuna.samplers.RandomSampler(seed=spec.sampler.seed)
-    return optuna.samplers.TPESampler(seed=spec.sampler.seed)
-
-
 def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        score = metrics.get(spec.metric)
-        history = result.metrics_dataframe
-        rows.append(
-            {
-                "trial_id": metrics.get("trial_id", "?"),
-                spec.metric: None if score is None or math.isnan(score) else float(score),
-                "epochs": metrics.get("training_iteration", 0),
-                "config": result.config or {},
-                "checkpoint": metrics.get("checkpoint_path"),
-                "error": last_line(result.error) if result.error else None,
-                "history": [] if history is None else history.to_dict("records"),
-            }
-        )
-    sign = -1 if spec.mode == "max" else 1
-    rows.sort(key=lambda r: math.inf if r[spec.metric] is None else sign * r[spec.metric])
+    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode)
     best = rows[0] if rows and rows[0][spec.metric] is not None else None
     return SearchResult(
         name=spec.name,

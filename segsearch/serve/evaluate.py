@@ -27,8 +27,9 @@ import torch
 from segsearch.data.format import DatasetInfo, read_dataset_info
 from segsearch.errors import UserError, first_line
 from segsearch.metrics import ConfusionMatrix
-from segsearch.serve.predict import load_network, pick_device, shape_batches, split_rows
-from segsearch.serve.predictor import MaskPredictor, predict_masks
+from segsearch.serve.ensemble import Ensemble, load_models
+from segsearch.serve.predict import pick_device, shape_batches, split_rows
+from segsearch.serve.predictor import MaskPredictor
 
 __all__ = ["Evaluation", "evaluate", "log_evaluation", "model_run", "score"]
 
@@ -145,7 +146,7 @@ class Evaluation:
 
 
 def evaluate(
-    model_uri: str,
+    model_uri: str | Sequence[str],
     dataset: str,
     *,
     split: str = "test",
@@ -154,15 +155,22 @@ def evaluate(
     device: str = "auto",
     log: bool = True,
 ) -> Evaluation:
-    """Score a model on a split; with `log`, also on the MLflow run that logged the model."""
+    """Score a model on a split; with `log`, also on the MLflow run that logged the model.
+
+    Several model URIs are scored as one ensemble (segsearch.serve.ensemble), named
+    `A + B + …`; an ensemble has no run of its own, so nothing is logged for it.
+    """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    uris = [model_uri] if isinstance(model_uri, str) else list(model_uri)
+    name = " + ".join(uris)
     info = read_dataset_info(dataset)
     _check_split(info, dataset, split)
-    net, meta = load_network(model_uri, tracking_uri=tracking_uri)
-    _check_classes(meta["classes"], info, model_uri, dataset)
-    predictor = MaskPredictor(net, meta).eval().to(pick_device(device))
-    run_id = model_run(model_uri, tracking_uri=tracking_uri) if log else None
+    predictor, classes = load_models(uris, tracking_uri=tracking_uri)
+    _check_classes(classes, info, name, dataset)
+    predictor = predictor.to(pick_device(device))
+    one_model = len(uris) == 1
+    run_id = model_run(uris[0], tracking_uri=tracking_uri) if log and one_model else None
     counts, images = score(predictor, dataset, split, info=info, batch_size=batch_size)
     if images != info.splits[split]:
         raise UserError(
@@ -171,7 +179,7 @@ def evaluate(
         )
     evaluation = Evaluation.from_counts(
         counts,
-        model_uri=model_uri,
+        model_uri=name,
         dataset=dataset,
         split=split,
         images=images,
@@ -185,7 +193,12 @@ def evaluate(
 
 
 def score(
-    predictor: MaskPredictor, dataset: str, split: str, *, info: DatasetInfo, batch_size: int = 8
+    predictor: MaskPredictor | Ensemble,
+    dataset: str,
+    split: str,
+    *,
+    info: DatasetInfo,
+    batch_size: int = 8,
 ) -> tuple[ConfusionMatrix, int]:
     """Confusion counts of the predictor's masks against one split's masks; the image count."""
     counts = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
@@ -194,7 +207,7 @@ def score(
         _samples(dataset, split), lambda sample: predictor.input_shape(sample.image), batch_size
     )
     for batch in batches:
-        predictions = predict_masks(predictor, [sample.image for sample in batch])
+        predictions = predictor.masks([sample.image for sample in batch])
         for sample, prediction in zip(batch, predictions, strict=True):
             try:
                 counts.update(torch.from_numpy(prediction), torch.from_numpy(sample.mask))

@@ -19,7 +19,6 @@ import torch
 from segsearch.checkpoint import load_model
 from segsearch.errors import UserError, first_line
 from segsearch.serve.mlflow_model import load_logged_model
-from segsearch.serve.predictor import MaskPredictor, predict_masks
 from segsearch.visualize import overlay as blend
 
 MASKS_DIR = "masks"
@@ -36,12 +35,6 @@ class Item:
     image: np.ndarray
 
 
-def load_predictor(model_uri: str, *, tracking_uri: str | None = None) -> MaskPredictor:
-    """A MaskPredictor from models:/…, runs:/… or a checkpoint directory (local or s3://)."""
-    net, meta = load_network(model_uri, tracking_uri=tracking_uri)
-    return MaskPredictor(net, meta).eval()
-
-
 def load_network(
     model_uri: str, *, tracking_uri: str | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -52,7 +45,7 @@ def load_network(
 
 
 def predict(
-    model_uri: str,
+    model_uri: str | Sequence[str],
     source: str,
     dest: str,
     *,
@@ -61,7 +54,13 @@ def predict(
     device: str = "auto",
     tracking_uri: str | None = None,
 ) -> int:
-    """Write DEST/masks/<name>.png (and DEST/overlays/<name>.png) per input image; the count."""
+    """Write DEST/masks/<name>.png (and DEST/overlays/<name>.png) per input image; the count.
+
+    Several model URIs predict as an ensemble (segsearch.serve.ensemble): their softmax
+    probabilities are averaged at each image's own size.
+    """
+    from segsearch.serve.ensemble import load_models
+
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     target = pick_device(device)
@@ -69,14 +68,14 @@ def predict(
     first = next(items, None)
     if first is None:
         raise UserError(f"no images in {source} (PNG, JPEG or TIFF files, or a segsearch dataset)")
-    predictor = load_predictor(model_uri, tracking_uri=tracking_uri).to(target)
+    uris = [model_uri] if isinstance(model_uri, str) else list(model_uri)
+    predictor, _ = load_models(uris, tracking_uri=tracking_uri)
+    predictor = predictor.to(target)
     writer = _Writer(dest)
     count = 0
     inputs = _chain(first, items)
     for batch in shape_batches(inputs, lambda item: predictor.input_shape(item.image), batch_size):
-        for item, mask in zip(
-            batch, predict_masks(predictor, [i.image for i in batch]), strict=True
-        ):
+        for item, mask in zip(batch, predictor.masks([i.image for i in batch]), strict=True):
             writer.write(posixpath.join(MASKS_DIR, item.name + ".png"), mask)
             if overlay:
                 picture = blend(item.image, mask, num_classes=predictor.num_classes)

@@ -48,17 +48,24 @@ class MaskPredictor(nn.Module):
             )
         return (batch - self.mean) / self.std
 
-    def finish(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Logits N,K,h,w → class ids N,H,W at the input's size.
+    def resize(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Logits N,K,h,w → N,K,H,W at the input's size (bilinear).
 
         Always resized, even to the same size (an exact copy), so that torch.export sees no
         branch on the input's height and width.
         """
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-        return logits.argmax(1)
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N,H,W,C → logits N,K,H,W at the input's size: what the argmax is taken of."""
+        return self.resize(self.net(self.prepare(images)), images.shape[1:3])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.net(self.prepare(images)), images.shape[1:3])
+        return self.logits(images).argmax(1)
+
+    def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Class-id masks (H,W uint8) of images that share a network input shape (one batch)."""
+        return predict_masks(self, images)
 
     def input_shape(self, image: np.ndarray) -> tuple[int, ...]:
         """The network input shape for one image: images with equal ones can share a batch."""
@@ -68,22 +75,29 @@ class MaskPredictor(nn.Module):
 @torch.no_grad()
 def predict_masks(predictor: MaskPredictor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Class-id masks (H,W uint8) for images that share a network input shape, in one batch."""
+    return [
+        logits.argmax(0).to(torch.uint8).cpu().numpy()
+        for logits in predict_logits(predictor, images)
+    ]
+
+
+@torch.no_grad()
+def predict_logits(predictor: MaskPredictor, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """Logits K,H,W of each image at its own size (on the predictor's device), for images that
+    share a network input shape, in one batch."""
     device = predictor.mean.device
     tensors = [
-        torch.from_numpy(np.array(_fit_channels(image, predictor.channels))) for image in images
+        torch.from_numpy(np.array(fit_channels(image, predictor.channels))) for image in images
     ]
     inputs = torch.cat([predictor.prepare(t[None].to(device)) for t in tensors])
     logits = predictor.net(inputs)
     return [
-        predictor.finish(logits[index : index + 1], image.shape[:2])[0]
-        .to(torch.uint8)
-        .cpu()
-        .numpy()
+        predictor.resize(logits[index : index + 1], image.shape[:2])[0]
         for index, image in enumerate(images)
     ]
 
 
-def _fit_channels(image: np.ndarray, channels: int) -> np.ndarray:
+def fit_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """Gray for a colour model is repeated to 3 channels; colour for a gray model becomes luma."""
     if image.shape[2] == channels:
         return image

@@ -7,30 +7,17 @@ queued upload may run after the one it names is gone.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from segsearch.checkpoint import OVERLAYS_FILE, PICTURE_FILES, RESUME_ONLY_FILES
+from segsearch.checkpoint import PICTURE_FILES, RESUME_ONLY_FILES
 from segsearch.tracking._clean import is_secret_key, mask, plain_data
 
 
-def stage_pictures(
-    checkpoint: str, filesystem: Any, folder: Path, *, step: int
-) -> list[tuple[Path, str | None]]:
-    """Copy a checkpoint's pictures into `folder`; return (file, artifact folder) to log.
-
-    They go to the run's artifact root every epoch (the latest wins); the overlays are also kept
-    per epoch under overlays/epoch_NNN.png."""
-    copied = copy_files(checkpoint, filesystem, folder, PICTURE_FILES)
-    staged: list[tuple[Path, str | None]] = [(folder / name, None) for name in copied]
-    if OVERLAYS_FILE in copied:
-        history = folder / "overlays" / f"epoch_{step:03d}.png"
-        history.parent.mkdir(exist_ok=True)
-        shutil.copyfile(folder / OVERLAYS_FILE, history)
-        staged.append((history, "overlays"))
-    return staged
+def stage_pictures(checkpoint: str, filesystem: Any, folder: Path) -> list[Path]:
+    """Copy a checkpoint's pictures into `folder`; return the copies."""
+    return [folder / name for name in copy_files(checkpoint, filesystem, folder, PICTURE_FILES)]
 
 
 def copy_checkpoint(directory: str, filesystem: Any, dest: Path) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from segsearch.values import is_number
+from segsearch.search.epochs import best_row, score_of
 
 COMPLETED, STOPPED_EARLY, ERROR, RUNNING = "completed", "stopped_early", "error", "running"
 
@@ -15,18 +14,20 @@ COMPLETED, STOPPED_EARLY, ERROR, RUNNING = "completed", "stopped_early", "error"
 class TrialOutcome:
     trial_id: str
     config: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # the last result
     status: str
     error: str | None = None  # the failure's text, when it failed
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the best epoch's
     filesystem: Any = field(default=None, compare=False)
+    best: dict[str, Any] | None = None  # the best epoch's result; None: the last one counts
 
     def value(self, metric: str) -> float | None:
-        """The trial's last reported `metric`, or None when it has none (or NaN)."""
-        score = self.metrics.get(metric)
-        if not is_number(score) or math.isnan(score):
-            return None
-        return float(score)
+        """The trial's score: `metric` of its best epoch, or None when it has none (or NaN)."""
+        return score_of(self.best if self.best is not None else self.metrics, metric)
+
+    @property
+    def best_epoch(self) -> int:
+        return epoch_of(self.best if self.best is not None else self.metrics)
 
 
 def epoch_of(metrics: dict[str, Any]) -> int:
@@ -44,19 +45,37 @@ def end_status(metrics: dict[str, Any], *, epochs: int, failed: bool) -> str:
     return COMPLETED if epoch_of(metrics) >= epochs else STOPPED_EARLY
 
 
-def outcome_of(result: Any, *, epochs: int) -> TrialOutcome:
-    """A Tune Result as a TrialOutcome (the trial id comes from the reported metrics)."""
+def outcome_of(
+    result: Any, *, epochs: int, metric: str | None = None, mode: str = "max"
+) -> TrialOutcome:
+    """A Tune Result as a TrialOutcome (the trial id comes from the reported metrics); with a
+    `metric`, its score and checkpoint are those of its best epoch."""
     metrics = dict(result.metrics or {})
     error = str(result.error) if result.error else None
+    best = _best_result(result, metric=metric, mode=mode)
+    checkpoint = (best or {}).get("checkpoint_path")
+    if not isinstance(checkpoint, str) or not checkpoint:
+        checkpoint = metrics.get("checkpoint_path")
     return TrialOutcome(
         trial_id=str(metrics.get("trial_id", "")),
         config=dict(result.config or {}),
         metrics=metrics,
         status=end_status(metrics, epochs=epochs, failed=result.error is not None),
         error=error,
-        checkpoint=metrics.get("checkpoint_path"),
+        checkpoint=checkpoint,
         filesystem=result.filesystem,
+        best=best,
     )
+
+
+def _best_result(result: Any, *, metric: str | None, mode: str) -> dict[str, Any] | None:
+    """The best epoch's row of a Result's history (the last result when it has no history)."""
+    if metric is None:
+        return None
+    history = getattr(result, "metrics_dataframe", None)
+    rows = [] if history is None else history.to_dict("records")
+    best = best_row(rows or [dict(result.metrics or {})], metric=metric, mode=mode)
+    return None if best is None else dict(best)
 
 
 def error_text(text: str) -> str:

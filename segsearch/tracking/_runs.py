@@ -68,14 +68,16 @@ def open_parent(client: MlflowClient, experiment_id: str, name: str) -> tuple[st
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id, False
 
 
-def children_of(client: MlflowClient, experiment_id: str, parent_id: str) -> dict[str, str]:
-    """Trial id → run id of the parent's existing child runs."""
+def children_of(
+    client: MlflowClient, experiment_id: str, parent_id: str, *, role: str = "trial"
+) -> dict[str, str]:
+    """Trial id → run id of the parent's existing child runs of one role (trial or refit)."""
     children: dict[str, str] = {}
     token = None
     while True:
         page = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{PARENT_RUN}` = '{parent_id}' and tags.`{ROLE}` = 'trial'",
+            filter_string=f"tags.`{PARENT_RUN}` = '{parent_id}' and tags.`{ROLE}` = '{role}'",
             max_results=1000,
             page_token=token,
         )
@@ -96,9 +98,10 @@ def open_child(
     search_name: str,
     trial_id: str,
     known: str | None,
+    tags: Mapping[str, Any] | None = None,
 ) -> str:
     """The trial's child run: the known or tagged one reopened, else a new one (with the
-    parent's dataset fingerprint)."""
+    parent's dataset fingerprint, and `tags` over the trial's own: a refit run's role)."""
     run_id = known or _find_child(client, experiment_id, parent_id, trial_id)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
@@ -112,6 +115,7 @@ def open_child(
         TRIAL_ID: trial_id,
         PARENT_RUN: parent_id,
         STATUS: "running",
+        **(tags or {}),
     }
     fingerprint = client.get_run(parent_id).data.tags.get(DATASET_FINGERPRINT)
     if fingerprint:
@@ -122,6 +126,20 @@ def open_child(
 def last_step(client: MlflowClient, run_id: str) -> int:
     """The last epoch (step of the `epoch` metric) logged to a run; 0 when none."""
     return max((m.step for m in client.get_metric_history(run_id, "epoch")), default=0)
+
+
+def image_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step of each image key logged with `log_image(key=..., step=...)` to a run.
+
+    MLflow names those files `images/<key>+step+<step>+timestamp+...` (a `/` in the key as `~`).
+    """
+    steps: dict[str, int] = {}
+    for entry in client.list_artifacts(run_id, "images"):
+        key, sep, rest = entry.path.removeprefix("images/").partition("+step+")
+        step = rest.partition("+")[0]
+        if sep and step.isdigit():
+            steps[key] = max(steps.get(key, 0), int(step))
+    return steps
 
 
 def mark_best(client: MlflowClient, experiment_id: str, parent_id: str, best_run: str) -> None:

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from PIL import Image
 from ray.tune import Callback
 
-from segsearch.checkpoint import MODEL_FILE
+from segsearch.checkpoint import CONFUSION_FILE, MODEL_FILE, OVERLAYS_FILE
 from segsearch.errors import UserError
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri
+from segsearch.search.system_metrics import PREFIX as SYSTEM_PREFIX
 from segsearch.tracking import _files, _pictures, _runs
 from segsearch.tracking._callback import TrackingCallback, register, unregister
 from segsearch.tracking._clean import clean, mask, plain_data, safe_key
@@ -38,6 +40,7 @@ from segsearch.tracking._outcome import (
     error_text,
     outcome_of,
 )
+from segsearch.tracking._refit import SEARCH_SCORE_PREFIX, RefitPhase
 from segsearch.tracking._writer import Writer, masked_first_line
 from segsearch.tracking.tags import (
     BEST_MODEL_URI,
@@ -49,7 +52,10 @@ from segsearch.tracking.tags import (
     MODEL_CHECKPOINT,
     MODEL_URI,
     REASON,
+    REFIT_MODEL_URI,
+    REFIT_RUN_ID,
     STATUS,
+    TEST_MODEL,
 )
 from segsearch.tracking.tags import ERROR as ERROR_TAG
 from segsearch.values import is_number
@@ -68,6 +74,8 @@ EPOCH_METRICS = (
     "startup_s",
 )
 CLASS_IOU_PREFIX = "val_iou_"
+#: Checkpoint pictures also logged with `log_image(key=..., step=epoch)`: file → image key.
+STEPPED_PICTURES = {OVERLAYS_FILE: "overlays", CONFUSION_FILE: "confusion"}
 #: Unlogged items named in the closing warning line (all of them are in the returned summary).
 SHOWN_UNLOGGED = 8
 #: `segsearch.status` of a search, or a trial, stopped by Ctrl-C.
@@ -94,10 +102,15 @@ class TrackingSummary:
     best_run_id: str | None
     model_uri: str | None
     unlogged: tuple[str, ...]
+    refit_run_id: str | None = None
+    refit_model_uri: str | None = None
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _log(line: str) -> None:
+    """Tracking notes and warnings as segsearch log records (shown by the CLI, -q hides notes)."""
+    from segsearch.console import echo
+
+    echo(line)
 
 
 class SearchTracker:
@@ -113,9 +126,12 @@ class SearchTracker:
         children: dict[str, str],
         epochs: int,
         staging: Path,
+        refit_children: set[str] | None = None,
+        metric: str = "val_miou",
     ) -> None:
         self.writer = writer
         self.search_name = search_name
+        self.metric = metric
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.epochs = epochs
@@ -124,9 +140,15 @@ class SearchTracker:
         self._staging = staging
         self._steps: dict[str, int] = {}
         self._logged: dict[str, int] = {}
+        self._imaged: dict[tuple[str, str], int] = {}
+        self._pictures = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segsearch-pictures")
         self._started: set[str] = set()
         self._ended: set[str] = set()
         self._model_uri: str | None = None
+        self._refit: RefitPhase | None = None
+        self._refit_model_uri: str | None = None
+        self._refit_run_id: str | None = None
+        self._refit_children: set[str] = set(refit_children or ())
 
     @classmethod
     def start(
@@ -140,7 +162,8 @@ class SearchTracker:
         settings: Mapping[str, Any],
         epochs: int,
         dataset_fingerprint: str | None = None,
-        echo: Callable[[str], None] = _stderr,
+        metric: str = "val_miou",
+        echo: Callable[[str], None] = _log,
         retry_every_s: float = 15.0,
     ) -> SearchTracker:
         """Open (or reopen, on resume) the search's parent run; UserError if MLflow is unusable.
@@ -167,6 +190,9 @@ class SearchTracker:
             for path in _files.parent_files(staging, space_path, dataset_info):
                 writer.now(lambda c, path=path: c.log_artifact(parent_id, str(path)))
             children = writer.now(lambda c: _runs.children_of(c, experiment_id, parent_id))
+            refits = writer.now(
+                lambda c: _runs.children_of(c, experiment_id, parent_id, role="refit")
+            )
         except Exception as err:
             if writer is not None:
                 writer.close()
@@ -190,7 +216,10 @@ class SearchTracker:
             children=children,
             epochs=epochs,
             staging=staging,
+            refit_children=set(refits),
+            metric=metric,
         )
+        tracker._children.update(refits)
         register(tracker)
         return tracker
 
@@ -198,11 +227,26 @@ class SearchTracker:
         """The Tune callback that logs every trial event of this search."""
         return TrackingCallback(self)
 
+    def begin_refit(self, results: Any, phase: RefitPhase) -> None:
+        """From now on, trials are refits of the search's best configurations (`phase`); the
+        search's own trials whose end this process did not see are logged first."""
+        for result in results:
+            self._catch_up(outcome_of(result, epochs=self.epochs))
+        self._refit = phase
+
+    def _epochs_of(self, trial_id: str) -> int:
+        refit = self._refit is not None and trial_id in self._refit_children
+        return self._refit.epochs if refit else self.epochs
+
     def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
         """Queue: open the trial's child run (or reopen it) and log its params."""
         self._started.add(trial_id)
+        tags: dict[str, Any] = {}
+        if self._refit is not None:
+            self._refit_children.add(trial_id)
+            tags = self._refit.tags_for(config)
         params = {**config}
-        params.setdefault("epochs", self.epochs)
+        params.setdefault("epochs", self._epochs_of(trial_id))
 
         def open_run(client: MlflowClient) -> None:
             run_id = _runs.open_child(
@@ -212,10 +256,17 @@ class SearchTracker:
                 search_name=self.search_name,
                 trial_id=trial_id,
                 known=self._children.get(trial_id),
+                tags=tags,
             )
             self._children[trial_id] = run_id
             self._logged[trial_id] = _runs.last_step(client, run_id)
+            for key, step in _runs.image_steps(client, run_id).items():
+                self._imaged[trial_id, key] = step
             _runs.log_params(client, run_id, params, echo=self.writer.echo)
+            score = self._refit.search_score(config) if self._refit else None
+            if score is not None:
+                name = safe_key(f"{SEARCH_SCORE_PREFIX}{self.metric}")
+                _runs.log_batch(client, run_id, metrics=[Metric(name, score, _now_ms(), 0)])
 
         self.writer.submit(f"trial {trial_id}: run and params", open_run)
 
@@ -226,7 +277,8 @@ class SearchTracker:
         Tune saves its state every few seconds; a trial started since then is gone with the
         driver, its run left RUNNING and its work drawn again as a new trial.
         """
-        lost = sorted(set(self._children) - restored - self._started)
+        phase = {t for t in self._children if (t in self._refit_children) == bool(self._refit)}
+        lost = sorted(phase - restored - self._started)
         if not lost:
             return
         tags = {STATUS: LOST, REASON: LOST_REASON}
@@ -241,30 +293,59 @@ class SearchTracker:
     def trial_result(self, trial_id: str, result: Mapping[str, Any], filesystem: Any) -> None:
         """Queue an epoch's metrics (step = epoch) and its checkpoint's pictures.
 
-        The pictures are copied now: Train keeps only the last checkpoints.
+        On Tune's event loop: nothing here waits. The pictures are copied at once, since Train
+        keeps only the last checkpoints, but on the pictures thread (a checkpoint may be on S3),
+        which then queues their upload.
         """
         step = epoch_of(dict(result))
         if self._steps.get(trial_id) == step:
             return
         self._steps[trial_id] = step
-        timestamp = int(time.time() * 1000)
-        metrics = [Metric(k, v, timestamp, step) for k, v in epoch_metrics(result).items()]
+        timestamp = _now_ms()
+        values = epoch_metrics(result)
+        if trial_id in self._refit_children and self._refit and not self._refit.held_out:
+            values = {k: v for k, v in values.items() if not k.startswith("val_")}
+        metrics = [Metric(k, v, timestamp, step) for k, v in values.items()]
         self.writer.submit(
             f"trial {trial_id}: metrics of epoch {step}",
             lambda c: self._log_epoch(c, trial_id, step, metrics),
         )
         checkpoint = result.get("checkpoint_path")
-        if not checkpoint:
+        if checkpoint:
+            self._pictures.submit(self._stage_pictures, trial_id, str(checkpoint), filesystem, step)
+
+    def _stage_pictures(self, trial_id: str, checkpoint: str, filesystem: Any, step: int) -> None:
+        """On the pictures thread: copy an epoch's pictures and queue them, each at the run's
+        root (the latest wins) and the PNGs also with `log_image(key, step=epoch)`, which the
+        MLflow UI shows on an image slider."""
+        with self._reported(f"trial {trial_id}: pictures of epoch {step}"):
+            folder = self._staging / trial_id / f"epoch_{step:03d}"
+            for local in _files.stage_pictures(checkpoint, filesystem, folder):
+                self.writer.submit(
+                    f"trial {trial_id}: artifact {local.name} of epoch {step}",
+                    lambda c, local=local: c.log_artifact(self._run(trial_id), str(local)),
+                )
+                if local.name in STEPPED_PICTURES:
+                    key = STEPPED_PICTURES[local.name]
+                    self.writer.submit(
+                        f"trial {trial_id}: image {key} of epoch {step}",
+                        lambda c, local=local, key=key: self._log_image(
+                            c, trial_id, key, local, step
+                        ),
+                    )
+
+    def _log_image(
+        self, client: MlflowClient, trial_id: str, key: str, path: Path, step: int
+    ) -> None:
+        """On the writer thread: one picture at step = epoch, once per step (a resumed trial
+        reports its last epoch again)."""
+        if step <= self._imaged.get((trial_id, key), 0):
             return
-        folder = self._staging / trial_id / f"epoch_{step:03d}"
-        for local, artifact_dir in _files.stage_pictures(checkpoint, filesystem, folder, step=step):
-            name = f"{artifact_dir}/{local.name}" if artifact_dir else local.name
-            self.writer.submit(
-                f"trial {trial_id}: artifact {name} of epoch {step}",
-                lambda c, local=local, artifact_dir=artifact_dir: c.log_artifact(
-                    self._run(trial_id), str(local), artifact_dir
-                ),
+        with Image.open(path) as image:
+            client.log_image(
+                self._run(trial_id), image.convert("RGB"), key=key, step=step, synchronous=True
             )
+        self._imaged[trial_id, key] = step
 
     def trial_ended(
         self,
@@ -280,7 +361,7 @@ class SearchTracker:
         it (secrets masked) the run's error.txt. With `only_if_running`, a run that MLflow no
         longer has RUNNING (ended by an earlier process) is left as it is.
         """
-        status = end_status(dict(last), epochs=self.epochs, failed=error is not None)
+        status = end_status(dict(last), epochs=self._epochs_of(trial_id), failed=error is not None)
         tags = {STATUS: status, EPOCHS_RUN: epoch_of(dict(last))}
 
         def run_to_end(client: MlflowClient) -> str | None:
@@ -315,9 +396,21 @@ class SearchTracker:
         metric: str,
         mode: str = "max",
         study: Any = None,
+        refit: Any = (),
+        refit_choice: str | None = None,
+        parent_metrics: Mapping[str, float] | None = None,
+        evaluation: Any = None,
+        evaluated_trial: str | None = None,
         wait_s: float = FINISH_WAIT_S,
     ) -> TrackingSummary:
-        """Log the best trial and its model, the search pictures and table; end the parent run.
+        """Log the best trial and its model, the pictures of `study` (the search's Optuna study)
+        and the trials table; end the parent run.
+
+        A trial's score and model are its best epoch's (`best_epoch` and `best_<metric>` on its
+        run). With `refit` (the results after `begin_refit`), each refit run logs its model and
+        the parent names the one promote takes (trial `refit_choice`). `parent_metrics` (the
+        compute spent) and `evaluation` (a segsearch.serve.evaluate.Evaluation of
+        `evaluated_trial`'s model) go on the parent run, the evaluation also on that trial's.
 
         Never raises for MLflow failures: the search itself is done. It waits at most `wait_s`
         in all for MLflow; what could not be logged by then is in the summary's `unlogged` and
@@ -326,17 +419,31 @@ class SearchTracker:
         deadline = time.monotonic() + wait_s
         self.drain(wait_s)
         outcomes = sorted(
-            (outcome_of(result, epochs=self.epochs) for result in results),
+            (outcome_of(r, epochs=self.epochs, metric=metric, mode=mode) for r in results),
             key=lambda o: o.trial_id,
         )
-        for outcome in outcomes:
+        refits = self._refit_outcomes(refit, metric=metric, mode=mode)
+        for outcome in [*outcomes, *refits]:
             self._catch_up(outcome)
+        for outcome in outcomes + [o for o in refits if self._refit and self._refit.held_out]:
+            self._record_best_epoch(outcome, metric)
         best = best_of(outcomes, metric=metric, mode=mode)
         with self._reported("search run: best trial"):
             if best is not None:
                 self._record_best(best, metric)
+        with self._reported("search run: refit models"):
+            self._record_refits(refits, refit_choice)
+        if parent_metrics:
+            stamp = _now_ms()
+            values = [Metric(safe_key(k), float(v), stamp, 0) for k, v in parent_metrics.items()]
+            self.writer.submit(
+                "search run: compute",
+                lambda c: _runs.log_batch(c, self.parent_run_id, metrics=values),
+            )
+        if evaluation is not None:
+            self._record_evaluation(evaluation, evaluated_trial)
         with self._reported("search run: pictures and trials table"):
-            self._log_search_files(results, outcomes, metric=metric, mode=mode, study=study)
+            self._log_search_files(results, metric=metric, study=study)
         failed = bool(outcomes) and all(o.status == ERROR for o in outcomes)
         self.writer.submit(
             "search run: end",
@@ -356,6 +463,8 @@ class SearchTracker:
             best_run_id=self._children.get(best_id) if best_id else None,
             model_uri=self._model_uri,
             unlogged=unlogged,
+            refit_run_id=self._refit_run_id,
+            refit_model_uri=self._refit_model_uri,
         )
 
     def interrupted(self) -> None:
@@ -399,14 +508,19 @@ class SearchTracker:
             )
         else:
             shutil.rmtree(self._staging, ignore_errors=True)
+        self._pictures.shutdown(wait=False, cancel_futures=True)
         unregister(self)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait (at most `timeout_s`) until every queued MLflow call is done; True when all are.
 
-        While the store is down, it is tried once more and this returns when that fails too.
+        Pictures still being copied are waited for first, so their uploads are queued. While the
+        store is down, it is tried once more and this returns when that fails too.
         """
-        return self.writer.drain(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(TimeoutError, RuntimeError):  # RuntimeError: already shut down
+            self._pictures.submit(lambda: None).result(timeout=timeout_s)
+        return self.writer.drain(max(0.0, deadline - time.monotonic()))
 
     @contextlib.contextmanager
     def _reported(self, what: str) -> Iterator[None]:
@@ -466,11 +580,13 @@ class SearchTracker:
 
         self.writer.submit(f"search run: best trial {trial_id}", on_parent)
         if best.checkpoint:
-            self._log_best_model(best)
+            self._log_model(best, folder="best_model", parent_tag=BEST_MODEL_URI)
 
-    def _log_best_model(self, best: TrialOutcome) -> None:
-        trial_id, checkpoint = best.trial_id, str(best.checkpoint)
-        model_dir = self._staging / "best_model"
+    def _log_model(self, outcome: TrialOutcome, *, folder: str, parent_tag: str | None) -> None:
+        """Log the model of the outcome's checkpoint (its best epoch's) to its run, once; with
+        `parent_tag`, name it on the parent run."""
+        trial_id, checkpoint = outcome.trial_id, str(outcome.checkpoint)
+        model_dir = self._staging / folder
         shutil.rmtree(model_dir, ignore_errors=True)
 
         def log_model(client: MlflowClient) -> None:
@@ -479,41 +595,103 @@ class SearchTracker:
             run_id = self._run(trial_id)
             tags = client.get_run(run_id).data.tags
             if tags.get(MODEL_CHECKPOINT) == mask(checkpoint):
-                self._model_uri = tags.get(MODEL_URI)
-                return
-            with _runs.global_tracking_uri(self.writer.tracking_uri):
-                uri = log_model(str(model_dir), run_id=run_id)
-            model_tags = {MODEL_URI: uri, MODEL_CHECKPOINT: checkpoint}
-            _runs.log_tags(client, run_id, model_tags)
-            _runs.log_tags(client, self.parent_run_id, {BEST_MODEL_URI: uri})
-            self._model_uri = uri
+                uri = tags.get(MODEL_URI)
+            else:
+                with _runs.global_tracking_uri(self.writer.tracking_uri):
+                    uri = log_model(str(model_dir), run_id=run_id)
+                model_tags = {MODEL_URI: uri, MODEL_CHECKPOINT: checkpoint}
+                _runs.log_tags(client, run_id, model_tags)
+            if parent_tag is not None and uri:
+                _runs.log_tags(client, self.parent_run_id, {parent_tag: uri})
+            if parent_tag == BEST_MODEL_URI:
+                self._model_uri = uri
+            elif parent_tag == REFIT_MODEL_URI:
+                self._refit_model_uri = uri
 
-        with self._reported(f"trial {trial_id}: best model from {mask(checkpoint)}"):
-            _files.copy_checkpoint(checkpoint, best.filesystem, model_dir)
+        with self._reported(f"trial {trial_id}: model from {mask(checkpoint)}"):
+            _files.copy_checkpoint(checkpoint, outcome.filesystem, model_dir)
             if not (model_dir / MODEL_FILE).is_file():
                 raise FileNotFoundError(f"the checkpoint has no {MODEL_FILE}")
-            self.writer.submit(f"trial {trial_id}: best model", log_model)
+            self.writer.submit(f"trial {trial_id}: model", log_model)
 
-    def _log_search_files(
-        self, results: Any, outcomes: list[TrialOutcome], *, metric: str, mode: str, study: Any
-    ) -> None:
-        """trials.csv, parameter importances, history and parallel coordinates on the parent."""
+    def _refit_outcomes(self, results: Any, *, metric: str, mode: str) -> list[TrialOutcome]:
+        """The refit trials as outcomes: scored by their best val epoch when val was held out,
+        else by their last epoch (nothing to choose an epoch by)."""
+        if self._refit is None:
+            return []
+        scored_by = metric if self._refit.held_out else None
+        epochs = self._refit.epochs
+        return sorted(
+            (outcome_of(r, epochs=epochs, metric=scored_by, mode=mode) for r in results),
+            key=lambda o: o.trial_id,
+        )
+
+    def _record_best_epoch(self, outcome: TrialOutcome, metric: str) -> None:
+        """`best_epoch` and `best_<metric>` on the trial's run: what its model and score are of."""
+        value = outcome.value(metric)
+        if value is None or not outcome.trial_id:
+            return
+        stamp = _now_ms()
+        metrics = [
+            Metric("best_epoch", float(outcome.best_epoch), stamp, 0),
+            Metric(safe_key(f"best_{metric}"), value, stamp, 0),
+        ]
+        self.writer.submit(
+            f"trial {outcome.trial_id}: best epoch",
+            lambda c: _runs.log_batch(c, self._run(outcome.trial_id), metrics=metrics),
+        )
+
+    def _record_refits(self, refits: list[TrialOutcome], choice: str | None) -> None:
+        """Log every finished refit run's model; name on the parent the one promote takes."""
+        for outcome in refits:
+            if outcome.status == ERROR or not outcome.checkpoint:
+                continue
+            chosen = outcome.trial_id == choice
+            self._log_model(
+                outcome,
+                folder=f"refit_model_{outcome.trial_id}",
+                parent_tag=REFIT_MODEL_URI if chosen else None,
+            )
+        if choice is None:
+            return
+
+        def on_parent(client: MlflowClient) -> None:
+            self._refit_run_id = self._run(choice)
+            _runs.log_tags(client, self.parent_run_id, {REFIT_RUN_ID: self._refit_run_id})
+
+        self.writer.submit("search run: refit run", on_parent)
+
+    def _record_evaluation(self, evaluation: Any, trial_id: str | None) -> None:
+        """The evaluation's metrics and files on the parent run and on the evaluated model's."""
+        from segsearch.serve.evaluate import log_evaluation
+
+        uri = self.writer.tracking_uri
+        model = {TEST_MODEL: f"{trial_id or '?'}: {mask(evaluation.model_uri)}"}
+
+        def on_parent(client: MlflowClient) -> None:
+            log_evaluation(evaluation, run_id=self.parent_run_id, tracking_uri=uri)
+            _runs.log_tags(client, self.parent_run_id, model)
+
+        self.writer.submit(f"search run: {evaluation.split} evaluation", on_parent)
+        if trial_id:
+            self.writer.submit(
+                f"trial {trial_id}: {evaluation.split} evaluation",
+                lambda c: log_evaluation(evaluation, run_id=self._run(trial_id), tracking_uri=uri),
+            )
+
+    def _log_search_files(self, results: Any, *, metric: str, study: Any) -> None:
+        """trials.csv and the Optuna study's pictures (`_pictures.PICTURES`) on the parent."""
         folder = self._staging / "search"
         folder.mkdir(exist_ok=True)
         files = [folder / "trials.csv"]
         _files.trials_table(results, self._children, files[0])
-        try:
-            importances = _pictures.param_importances(study, outcomes, metric=metric, mode=mode)
-        except ValueError as err:
-            self.writer.echo(f"tracking: no parameter importances ({err})")
+        if study is None:
+            self.writer.echo("tracking: no Optuna pictures (no study)")
         else:
-            files.append(folder / "param_importances.png")
-            _pictures.importance_chart(importances, files[-1], metric=metric)
-        if outcomes:
-            files.append(folder / "optimization_history.png")
-            _pictures.history_chart(outcomes, files[-1], metric=metric, mode=mode)
-            files.append(folder / "parallel_coordinates.png")
-            _pictures.parallel_chart(outcomes, files[-1], metric=metric)
+            drawn, missing = _pictures.study_pictures(study, folder, metric=metric)
+            files += drawn
+            if missing:
+                self.writer.echo(f"tracking: not drawn: {'; '.join(missing)}")
         for path in files:
             self.writer.submit(
                 f"search run: artifact {path.name}",
@@ -522,9 +700,15 @@ class SearchTracker:
 
 
 def epoch_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric per-epoch metrics of a result that go to MLflow (see EPOCH_METRICS)."""
+    """The numeric per-epoch metrics of a result that go to MLflow: EPOCH_METRICS, per-class IoUs
+    and the node's system metrics (`system/...`, shown in the UI's System metrics tab)."""
     return {
         safe_key(key): float(value)
         for key, value in result.items()
-        if (key in EPOCH_METRICS or key.startswith(CLASS_IOU_PREFIX)) and is_number(value)
+        if (key in EPOCH_METRICS or key.startswith((CLASS_IOU_PREFIX, SYSTEM_PREFIX)))
+        and is_number(value)
     }
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
