@@ -131,6 +131,26 @@ def test_three_trial_search_tracked_in_mlflow_promoted_and_predicting(
     assert np.array_equal(mask, expected)
 
 
+@pytest.mark.slow
+def test_with_storage_on_s3_every_checkpoint_is_an_s3_uri_that_opens(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    """Tune reports checkpoint paths without the filesystem's scheme; the result (and the
+    printed best checkpoint) must be URIs a user can pass to evaluate/predict."""
+    result = run_search(
+        parse_space(tiny_space("s3-storage", trials=1, epochs=1)),
+        dataset=tiny_dataset,
+        storage="s3://search-data/runs",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        echo=lambda line: None,
+    )
+    assert result.best_checkpoint is not None
+    assert result.best_checkpoint.startswith("s3://search-data/runs/"), result.best_checkpoint
+    assert [t["checkpoint"] for t in result.trials] == [result.best_checkpoint]
+    model, _ = load_model(result.best_checkpoint)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
 def test_a_trial_trains_with_two_ddp_workers(ray_cluster, tiny_dataset, tmp_path):
     """Multi-worker training inside a trial: DDP over gloo, data split across the workers."""
     space = tiny_space("ddp", trials=1, epochs=2, resources={"workers": 2, "cpus_per_worker": 1})

@@ -576,28 +576,12 @@ class HangingServer:
 def test_tune_events_return_at_once_while_the_store_hangs(tmp_path):
     """The callback only queues: events return at once though every MLflow call hangs, and
     finish gives up after `wait_s`, listing what was not logged."""
-    from segsearch.tracking._callback import TrackingCallback
     from segsearch.tracking._writer import Writer
 
     server = HangingServer()
     lines: list[str] = []
     writer = Writer(server.uri, echo=lines.append, retry_every_s=60)
-    tracker = SearchTracker(
-        writer,
-        search_name="hanging",
-        experiment_id="0",
-        parent_run_id="parent",
-        children={},
-        epochs=EPOCHS,
-        staging=tmp_path,
-    )
-    callback = TrackingCallback(tracker)
-    trial = types.SimpleNamespace(
-        trial_id="t_00000",
-        config={"optim.lr": GOOD_LR},
-        storage=types.SimpleNamespace(storage_filesystem=None),
-        last_result={"epoch": 1},
-    )
+    tracker, callback, trial = _one_trial_tracked(writer, "hanging", tmp_path, filesystem=None)
     try:
         started = time.monotonic()
         callback.on_trial_start(0, [], trial)
@@ -618,7 +602,6 @@ def test_a_result_returns_at_once_while_its_checkpoint_storage_hangs(tmp_path):
     event loop: the result event returns at once though the store never answers."""
     import pyarrow.fs as pafs
 
-    from segsearch.tracking._callback import TrackingCallback
     from segsearch.tracking._writer import Writer
 
     storage, tracking = HangingServer(), HangingServer()
@@ -632,22 +615,7 @@ def test_a_result_returns_at_once_while_its_checkpoint_storage_hangs(tmp_path):
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
     )
     writer = Writer(tracking.uri, echo=lambda line: None, retry_every_s=60)
-    tracker = SearchTracker(
-        writer,
-        search_name="slow-storage",
-        experiment_id="0",
-        parent_run_id="parent",
-        children={},
-        epochs=EPOCHS,
-        staging=tmp_path,
-    )
-    callback = TrackingCallback(tracker)
-    trial = types.SimpleNamespace(
-        trial_id="t_00000",
-        config={"optim.lr": GOOD_LR},
-        storage=types.SimpleNamespace(storage_filesystem=filesystem),
-        last_result={"epoch": 1},
-    )
+    tracker, callback, trial = _one_trial_tracked(writer, "slow-storage", tmp_path, filesystem)
     try:
         callback.on_trial_start(0, [], trial)
         started = time.monotonic()
@@ -658,6 +626,31 @@ def test_a_result_returns_at_once_while_its_checkpoint_storage_hangs(tmp_path):
     finally:
         storage.close()
         tracking.close()
+
+
+def _one_trial_tracked(
+    writer: Any, search_name: str, staging: Path, filesystem: Any
+) -> tuple[SearchTracker, Any, types.SimpleNamespace]:
+    """A SearchTracker on `writer`, its Tune callback, and a stand-in for Tune's Trial whose
+    checkpoints live on `filesystem` (None: local)."""
+    from segsearch.tracking._callback import TrackingCallback
+
+    tracker = SearchTracker(
+        writer,
+        search_name=search_name,
+        experiment_id="0",
+        parent_run_id="parent",
+        children={},
+        epochs=EPOCHS,
+        staging=staging,
+    )
+    trial = types.SimpleNamespace(
+        trial_id="t_00000",
+        config={"optim.lr": GOOD_LR},
+        storage=types.SimpleNamespace(storage_filesystem=filesystem),
+        last_result={"epoch": 1},
+    )
+    return tracker, TrackingCallback(tracker), trial
 
 
 def test_a_reopened_trial_run_never_logs_an_epoch_twice(tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ def run_search(
             trials=spec.trials,
             interrupted=SearchInterrupted(spec.name, experiment_path),
         )
-    result = _summarize(grid, spec, experiment_path)
+    result = _summarize(grid, spec, storage, experiment_path)
     image_epochs, worker_s = spent(
         result.trials, images=info.splits["train"], resources=spec.resources
     )
@@ -232,9 +232,8 @@ def run_search(
     final = refit or (result.trials[0] if result.best_trial_id else None)
     evaluation = None
     if final is not None and final["checkpoint"]:
-        model = checkpoint_uri(final["checkpoint"], storage)
         try:
-            evaluation = evaluate_on_test(model, dataset, info, echo)
+            evaluation = evaluate_on_test(final["checkpoint"], dataset, info, echo)
         except KeyboardInterrupt:
             tracker.interrupted()
             raise SearchInterrupted(spec.name, experiment_path) from None
@@ -325,7 +324,7 @@ def _refit(
         trials=len(phase.sources),
         interrupted=SearchInterrupted(spec.name, result.experiment_path),
     )
-    rows = refit_rows(grid, phase, metric=spec.metric, mode=spec.mode)
+    rows = _with_uris(refit_rows(grid, phase, metric=spec.metric, mode=spec.mode), context.storage)
     images = training_images(context.dataset.info, spec.refit.on)
     image_epochs, worker_s = spent(rows, images=images, resources=spec.resources)
     compute = replace(
@@ -628,8 +627,8 @@ def check_writable(path: Path) -> None:
         ) from None
 
 
-def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResult:
-    rows = trial_rows(grid, metric=spec.metric, mode=spec.mode)
+def _summarize(grid: Any, spec: SearchSpec, storage: str, experiment_path: str) -> SearchResult:
+    rows = _with_uris(trial_rows(grid, metric=spec.metric, mode=spec.mode), storage)
     best = rows[0] if rows and rows[0][spec.metric] is not None else None
     return SearchResult(
         name=spec.name,
@@ -642,3 +641,12 @@ def _summarize(grid: Any, spec: SearchSpec, experiment_path: str) -> SearchResul
         trials=rows,
         experiment_path=experiment_path,
     )
+
+
+def _with_uris(rows: list[dict[str, Any]], storage: str) -> list[dict[str, Any]]:
+    """The rows with their checkpoints as URIs (`checkpoint_uri`): what a user passes on to
+    evaluate, predict or export, and what the search prints."""
+    return [
+        {**row, "checkpoint": row["checkpoint"] and checkpoint_uri(row["checkpoint"], storage)}
+        for row in rows
+    ]
