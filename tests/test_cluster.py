@@ -71,7 +71,8 @@ def write_space(path: Path, name: str, **overrides) -> Path:
 def start_search(
     cluster: TwoNodeCluster, space: Path, dataset: str, tracking_uri: str
 ) -> subprocess.Popen:
-    """`segsearch search` joined to the cluster, in its own session (ended by group)."""
+    """`segsearch search` joined to the cluster, in its own session (ended by group); its
+    Optuna study beside the space file (never in the user's ~/.segsearch)."""
     command = [
         sys.executable,
         "-m",
@@ -86,6 +87,8 @@ def start_search(
         f"s3://{RUNS_BUCKET}/searches",
         "--tracking-uri",
         tracking_uri,
+        "--optuna-storage",
+        f"sqlite:///{space.parent}/optuna.db",
     ]
     env = client_environ(cluster.client_env, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
