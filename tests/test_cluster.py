@@ -210,6 +210,8 @@ def _download(s3_endpoint: str, uri: str, dest: Path) -> Path:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", []):
+        if item["Key"].endswith("/"):
+            continue  # a folder marker (pyarrow writes them)
         target = dest / item["Key"][len(prefix) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, item["Key"], str(target))

@@ -13,6 +13,7 @@ from segsearch.search.failover import (
     restart_line,
 )
 from segsearch.search.progress import TrialProgress
+from segsearch.search.trial import TUNE_RETRIES
 
 NODE_A = "a1" * 28
 NODE_B = "b2" * 28
@@ -66,3 +67,26 @@ def test_failure_reason_names_the_dead_node_of_a_worker():
 def test_failure_reason_without_a_dead_node_is_the_errors_last_line():
     failure = WorkerGroupError("rank 0 raised", {0: RuntimeError("Connection closed by peer")})
     assert failure_reason(failure) == "Connection closed by peer"
+
+
+def test_a_trial_tune_starts_again_says_from_which_epoch_and_which_node_was_lost(tmp_path):
+    """The trial's own process (a Train run's driver, or a one-worker trial) died with its
+    node: Tune starts the trial again, and the search says so."""
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(
+        "Traceback (most recent call last):\nray.exceptions.ActorDiedError: The actor died "
+        f"unexpectedly. The actor is dead because its node has died. Node Id: {NODE_B}\n"
+    )
+    trial = type("Trial", (), {"trial_id": "t_1", "error_file": str(error_file)})()
+    trial.last_result = {"epoch": 2, "training_iteration": 2}
+    lines: list[str] = []
+
+    TrialProgress(metric="val_miou", epochs=3, echo=lines.append).on_trial_recover(0, [], trial)
+
+    assert lines == [
+        f"trial t_1 restarted from its checkpoint of epoch 2 after: node {NODE_B[:8]} lost"
+    ]
+
+
+def test_tune_starts_a_trial_again_when_its_own_process_is_lost():
+    assert TUNE_RETRIES >= 1

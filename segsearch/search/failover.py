@@ -48,15 +48,29 @@ def restart_line(trial_id: str, result: dict[str, Any]) -> str:
     )
 
 
+def recover_line(trial_id: str, error_text: str, last_result: dict[str, Any]) -> str:
+    """What the search prints when Tune starts a trial again after its own process died (a
+    one-worker trial, or a Train run's driver, on a lost node): from its last checkpoint."""
+    epoch = int(last_result.get("epoch") or 0)
+    resumed = f"its checkpoint of epoch {epoch}" if epoch else "the start"
+    lost = _lost_nodes(error_text)
+    lines = [line.strip() for line in error_text.strip().splitlines() if line.strip()]
+    reason = lost or (lines[-1] if lines else "unknown failure")
+    return f"trial {trial_id} restarted from {resumed} after: {reason}"
+
+
 def failure_reason(err: BaseException) -> str:
     """Why a Train run failed, in one line: the node(s) that died under its workers, when Ray
     says so, else the last line of the first failed worker's error (or of the error itself)."""
     failures = getattr(err, "worker_failures", None) or {}
     text = "\n".join(str(failure) for failure in [err, *failures.values()])
+    return _lost_nodes(text) or last_line(failures[min(failures)] if failures else err)
+
+
+def _lost_nodes(text: str) -> str | None:
+    """ "node X lost" for the nodes an error says died, or None."""
     lost = sorted({short(node) for node in _DEAD_NODE.findall(text)})
-    if lost:
-        return f"node {', '.join(lost)} lost"
-    return last_line(failures[min(failures)] if failures else err)
+    return f"node {', '.join(lost)} lost" if lost else None
 
 
 #: How Ray names the node in the error of an actor (a Train worker) whose node died.

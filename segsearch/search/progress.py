@@ -49,6 +49,13 @@ class TrialProgress(Callback):
         how = "finished" if done >= self.epochs else f"stopped early after epoch {done}"
         self.echo(f"trial {trial.trial_id} {how}")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            error = Path(trial.error_file).read_text() if trial.error_file else ""
+        except OSError:
+            error = ""
+        self.echo(failover.recover_line(trial.trial_id, error, trial.last_result or {}))
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.echo(f"trial {trial.trial_id} failed: {_last_error_line(trial.error_file)}")
         if trial.error_file:

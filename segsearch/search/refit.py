@@ -20,7 +20,7 @@ from segsearch.data.format import DatasetInfo
 from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress
-from segsearch.search.trial import KeepTrialHistory, TrialContext, trainable, tune_retries
+from segsearch.search.trial import TUNE_RETRIES, KeepTrialHistory, TrialContext, trainable
 from segsearch.space import RefitSpec, ResourcesSpec
 from segsearch.tracking import RefitPhase, SearchTracker
 from segsearch.values import is_number
@@ -57,7 +57,7 @@ def refit_tuner(
 ) -> Any:
     """The Tuner that trains the phase's configurations for its epochs (on train, or train+val).
 
-    A failed refit trial is retried once as a search's trial is (`tune_retries`, run_trial);
+    A failed refit trial is retried once as a search's trial is (`TUNE_RETRIES`, run_trial);
     `--resume` restores an interrupted refit from its own experiment folder.
     """
     import ray.tune
@@ -86,7 +86,7 @@ def refit_tuner(
         run_config=ray.tune.RunConfig(
             name=f"{name}{REFIT_SUFFIX}",
             storage_path=storage,
-            failure_config=ray.tune.FailureConfig(max_failures=tune_retries(context.resources)),
+            failure_config=ray.tune.FailureConfig(max_failures=TUNE_RETRIES),
             callbacks=[
                 TrialProgress(metric=context.metric, epochs=phase.epochs, echo=echo),
                 tracker.tune_callback(),

@@ -27,6 +27,10 @@ OVERLAY_IMAGES = 4
 #: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
 #: data found mid-trial) is never retried.
 TRAIN_RETRIES = 1
+#: Times Tune starts a failed trial again from its last checkpoint. A one-worker trial's process
+#: is its worker; a multi-worker trial's process drives its Train run, which restarts failed
+#: workers itself (run_trial), but that process can be lost with its node all the same.
+TUNE_RETRIES = 1
 #: Checkpoints a Train run keeps besides its latest (which resumes it): the best by the search's
 #: metric, so a trial offers the model of its best epoch, not of its last.
 CHECKPOINTS_KEPT = 2
@@ -106,7 +110,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     A one-worker trial trains here, in the process (and with the resources) Tune gave the
     trial: no Train controller or worker group to start, and a reused process has torch
-    imported already. Tune retries it once (`tune_retries`) from its last checkpoint.
+    imported already. Tune retries it once (`TUNE_RETRIES`) from its last checkpoint.
 
     A multi-worker trial is a Train run (DDP); failover.TrialReport relays its reports. A failed
     Train run starts again from its last checkpoint (same run name), at most TRAIN_RETRIES
@@ -153,12 +157,6 @@ def trainable(context: TrialContext) -> Any:
     function = ray.tune.with_parameters(run_trial, context=context)
     resources = trial_resources(context.resources)
     return function if resources is None else ray.tune.with_resources(function, resources)
-
-
-def tune_retries(resources: ResourcesSpec) -> int:
-    """Times Tune restarts a failed trial: a one-worker trial's process is its worker, so Tune
-    retries it; a multi-worker trial retries its Train run itself (run_trial)."""
-    return TRAIN_RETRIES if in_trial_process(resources) else 0
 
 
 def _train_here(
