@@ -197,7 +197,10 @@ def test_a_trial_fails_over_to_the_remaining_node_when_one_is_lost(
     assert search.returncode == 0, output[-4000:]
     (reported,) = trial_results(s3_endpoint, "lose-node").values()
     # The restarted trial reports its restored epoch again (same epoch, same time): once each.
-    rows = list({(row["epoch"], row["epoch_time_s"]): row for row in reported}.values())
+    first: dict[tuple, dict] = {}
+    for row in reported:
+        first.setdefault((row["epoch"], row["epoch_time_s"]), row)
+    rows = list(first.values())
     assert [row["epoch"] for row in rows] == [1, 2, 3], "an epoch was lost or trained twice"
     assert sorted(rows[0]["worker_nodes"].split(",")) == sorted(nodes.values())
     assert rows[-1]["worker_nodes"].split(",") == [nodes["node_a"]] * 2
