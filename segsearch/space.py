@@ -71,9 +71,20 @@ class WarmStartSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
+    """One trial's Train workers. `placement` is Ray Train's placement strategy for them, both
+    best-effort: `pack` fills as few nodes as possible (fast collectives), `spread` puts each
+    worker on a different node where there are enough (one lost node costs fewer workers); a
+    trial whose nodes are gone restarts on whatever nodes are left."""
+
     workers: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1, gt=0)
+    placement: Literal["pack", "spread"] = "pack"
+
+    @property
+    def placement_strategy(self) -> str:
+        """The strategy as Ray names it (PACK, SPREAD)."""
+        return self.placement.upper()
 
 
 class RefitSpec(_Strict):

@@ -4,5 +4,6 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.ray_local",
     "tests.fixtures.ray_head",
+    "tests.fixtures.ray_nodes",
     "tests.fixtures.mlflow_server",
 ]

@@ -118,6 +118,7 @@ def test_malformed_space_names_the_key_and_rule(space, message):
         ({"mode": "up"}, "mode: Input should be 'max' or 'min'"),
         ({"scheduler": {"kind": "hyperband"}}, "scheduler.kind"),
         ({"resources": {"gpus": 1}}, "resources.gpus: Extra inputs are not permitted"),
+        ({"resources": {"placement": "strict"}}, "resources.placement: Input should be 'pack'"),
         ({"fixed": {"learning_rate": 1}}, "fixed.learning_rate: unknown key"),
     ],
 )
@@ -125,6 +126,12 @@ def test_malformed_top_level_names_the_field(top, message):
     with pytest.raises(UserError) as err:
         parse_space({"name": "bad", **top}, source="bad.yaml")
     assert message in str(err.value)
+
+
+def test_placement_is_ray_trains_strategy_pack_by_default():
+    assert parse_space({"name": "p"}).resources.placement_strategy == "PACK"
+    spread = parse_space({"name": "p", "resources": {"workers": 2, "placement": "spread"}})
+    assert spread.resources.placement_strategy == "SPREAD"
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

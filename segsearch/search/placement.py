@@ -1,6 +1,7 @@
-"""The workaround for placement groups Ray Train leaves behind, both halves: each Train worker
-reports its group with its metrics, and a Tune callback on the driver removes it when the trial
-ends.
+"""Where a trial's Train workers run. Each worker reports its node with its metrics (the trial's
+report joins them, `failover.TrialReport`), and its placement group: the workaround for groups
+Ray Train leaves behind has both halves here, the report and a Tune callback on the driver that
+removes the group when the trial ends.
 
 Ray Train removes a run's group through a cleaner actor that needs the state API (the
 dashboard); on a local instance without one, or beside another Ray instance, it never does, and
@@ -16,6 +17,13 @@ from ray.tune import Callback
 
 #: The result key each Train worker reports its placement group under.
 RESULT_KEY = "placement_group"
+#: The result key each Train worker reports its Ray node id under.
+NODE_KEY = "node_id"
+
+
+def current_node_id() -> str:
+    """The Ray node this worker runs on (hex id)."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def current_group_id() -> str | None:

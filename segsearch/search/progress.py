@@ -9,12 +9,15 @@ from typing import Any
 
 from ray.tune import Callback
 
+from segsearch.search import failover
+
 COST_HEADERS = {"cost_gpu_s": "GPU-s", "cost_cpu_s": "CPU-s"}
 SHOWN_PARAMS = ("model.arch", "model.depth", "model.width", "model.upsample", "loss.kind")
 
 
 class TrialProgress(Callback):
-    """Prints `trial <id> started | epoch k/E metric=… | stopped early | finished | failed`."""
+    """Prints `trial <id> started | epoch k/E metric=… | stopped early | finished | failed`, and
+    `restarted from …` at the first result after its Train run was started again."""
 
     def __init__(
         self, *, metric: str, epochs: int, echo: Callable[[str], None] | None = None
@@ -22,6 +25,7 @@ class TrialProgress(Callback):
         self.metric = metric
         self.epochs = epochs
         self.echo = echo or print_line
+        self._restarts: dict[str, int] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.echo(f"trial {trial.trial_id} started: {describe(trial.config)}")
@@ -29,6 +33,10 @@ class TrialProgress(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        restarts = result.get(failover.RESTARTS_KEY, 0)
+        if restarts > self._restarts.get(trial.trial_id, 0):
+            self._restarts[trial.trial_id] = restarts
+            self.echo(failover.restart_line(trial.trial_id, result))
         epoch = result_epoch(result)
         score = result.get(self.metric, math.nan)
         speed = result.get("images_per_s", math.nan)
@@ -41,6 +49,13 @@ class TrialProgress(Callback):
         done = result_epoch(trial.last_result or {})
         how = "finished" if done >= self.epochs else f"stopped early after epoch {done}"
         self.echo(f"trial {trial.trial_id} {how}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            error = Path(trial.error_file).read_text() if trial.error_file else ""
+        except OSError:
+            error = ""
+        self.echo(failover.recover_line(trial.trial_id, error, trial.last_result or {}))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.echo(f"trial {trial.trial_id} failed: {_last_error_line(trial.error_file)}")

@@ -22,11 +22,11 @@ from segsearch.search.epochs import trial_rows
 from segsearch.search.placement import ReleasePlacementGroups
 from segsearch.search.progress import TrialProgress
 from segsearch.search.trial import (
+    TUNE_RETRIES,
     KeepTrialHistory,
     TrialContext,
     config_key,
     trainable,
-    tune_retries,
 )
 from segsearch.space import RefitSpec, ResourcesSpec
 from segsearch.tracking import RefitPhase, SearchTracker
@@ -81,7 +81,7 @@ def refit_tuner(
     """The Tuner that trains the phase's configurations for its epochs (on train, or train+val),
     each from its trial's checkpoint where `starts` (`refit_starts`) has one.
 
-    A failed refit trial is retried once as a search's trial is (`tune_retries`, run_trial);
+    A failed refit trial is retried once as a search's trial is (`TUNE_RETRIES`, run_trial);
     `--resume` restores an interrupted refit from its own experiment folder.
     """
     import ray.tune
@@ -118,7 +118,7 @@ def refit_tuner(
         run_config=ray.tune.RunConfig(
             name=f"{name}{REFIT_SUFFIX}",
             storage_path=storage,
-            failure_config=ray.tune.FailureConfig(max_failures=tune_retries(context.resources)),
+            failure_config=ray.tune.FailureConfig(max_failures=TUNE_RETRIES),
             callbacks=[
                 TrialCosts(context.resources),
                 TrialProgress(metric=context.metric, epochs=phase.epochs, echo=echo),

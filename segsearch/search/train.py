@@ -172,6 +172,7 @@ def train(config: dict[str, Any], worker: Worker) -> None:
             placement.RESULT_KEY: worker.placement_group,
             **(system.take() if system else {}),
             **cost,
+            placement.NODE_KEY: placement.current_node_id(),
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

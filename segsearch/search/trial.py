@@ -20,6 +20,7 @@ from segsearch.data.shards import OpenedDataset
 from segsearch.data.trial_data import SearchData, TrialData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.search.capacity import in_trial_process
+from segsearch.search.failover import TrialReport, failure_reason
 from segsearch.search.progress import print_line
 from segsearch.space import ResourcesSpec, nest
 
@@ -28,6 +29,10 @@ OVERLAY_IMAGES = 4
 #: Times run_trial starts a failed Train run again (from its last checkpoint); a UserError (bad
 #: data found mid-trial) is never retried.
 TRAIN_RETRIES = 1
+#: Times Tune starts a failed trial again from its last checkpoint. A one-worker trial's process
+#: is its worker; a multi-worker trial's process drives its Train run, which restarts failed
+#: workers itself (run_trial), but that process can be lost with its node all the same.
+TUNE_RETRIES = 1
 #: Checkpoints a Train run keeps besides its latest (which resumes it): the best by the search's
 #: metric, so a trial offers the model of its best epoch, not of its last.
 CHECKPOINTS_KEPT = 2
@@ -111,9 +116,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     A one-worker trial trains here, in the process (and with the resources) Tune gave the
     trial: no Train controller or worker group to start, and a reused process has torch
-    imported already. Tune retries it once (`tune_retries`) from its last checkpoint.
+    imported already. Tune retries it once (`TUNE_RETRIES`) from its last checkpoint.
 
-    A multi-worker trial is a Train run (DDP); TuneReportCallback relays its reports. A failed
+    A multi-worker trial is a Train run (DDP); failover.TrialReport relays its reports. A failed
     Train run starts again from its last checkpoint (same run name), at most TRAIN_RETRIES
     times.
 
@@ -134,9 +139,11 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         return
     from ray.train import TrainingFailedError
 
+    reason = None
     for attempt in range(TRAIN_RETRIES + 1):
+        report = TrialReport(restarts=attempt, reason=reason)
         try:
-            _trainer(trial, trial_id, context, timings, start).fit()
+            _trainer(trial, trial_id, context, timings, start, report).fit()
             return
         except TrainingFailedError as err:
             found = user_error_in(err)
@@ -144,6 +151,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 raise UserError(str(found)) from None
             if attempt == TRAIN_RETRIES:
                 raise
+            reason = failure_reason(err)
 
 
 def trainable(context: TrialContext) -> Any:
@@ -156,12 +164,6 @@ def trainable(context: TrialContext) -> Any:
     function = ray.tune.with_parameters(run_trial, context=context)
     resources = trial_resources(context.resources)
     return function if resources is None else ray.tune.with_resources(function, resources)
-
-
-def tune_retries(resources: ResourcesSpec) -> int:
-    """Times Tune restarts a failed trial: a one-worker trial's process is its worker, so Tune
-    retries it; a multi-worker trial retries its Train run itself (run_trial)."""
-    return TRAIN_RETRIES if in_trial_process(resources) else 0
 
 
 def _train_here(
@@ -207,11 +209,11 @@ def _trainer(
     context: TrialContext,
     timings: dict[str, float],
     start: str | None,
+    report: TrialReport,
 ) -> Any:
     """The trial's TorchTrainer; named after the trial, so a new one resumes the same run."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from segsearch.search.train import train_loop_per_worker
 
@@ -228,6 +230,7 @@ def _trainer(
             num_workers=wanted.workers,
             use_gpu=wanted.gpus_per_worker > 0,
             resources_per_worker=resources,
+            placement_strategy=wanted.placement_strategy,
         ),
         datasets=data.trainer_datasets(wanted.workers),
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
@@ -236,7 +239,7 @@ def _trainer(
             storage_path=_runs_folder(context),
             failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=context.checkpoint_config(),
-            callbacks=[TuneReportCallback()],
+            callbacks=[report],
         ),
     )
 

@@ -61,11 +61,11 @@ from segsearch.search.study import (
     resolve_study_storage,
 )
 from segsearch.search.trial import (
+    TUNE_RETRIES,
     KeepTrialHistory,
     TrialContext,
     overlay_batch,
     trainable,
-    tune_retries,
 )
 from segsearch.search.warm_start import warm_start_points
 from segsearch.space import SearchSpec, check_budget, enqueued_points, nest, search_image_sizes
@@ -432,7 +432,7 @@ def _tuner(
 
     A multi-worker trial's failed Train run is started again from its checkpoint by run_trial,
     so Tune does not retry it; a one-worker trial trains in Tune's own process, so Tune retries
-    it (`tune_retries`), and it resumes from its checkpoint. Bad input is never retried (the
+    it (`TUNE_RETRIES`), and it resumes from its checkpoint. Bad input is never retried (the
     retry fails at once with the first attempt's line); an errored trial is retried by
     `--resume`. Tune reuses a finished trial's process for the next trial (`reuse_actors`), so
     a one-worker trial finds torch and the training code already imported.
@@ -476,7 +476,7 @@ def _tuner(
         run_config=ray.tune.RunConfig(
             name=spec.name,
             storage_path=storage,
-            failure_config=ray.tune.FailureConfig(max_failures=tune_retries(spec.resources)),
+            failure_config=ray.tune.FailureConfig(max_failures=TUNE_RETRIES),
             stop=BudgetStopper(ledger) if ledger is not None else None,
             callbacks=[
                 TrialCosts(spec.resources, ledger),
