@@ -35,25 +35,31 @@ def _result(epoch: int, restarts: int, nodes: str, reason: str | None = None) ->
     return result
 
 
-def test_the_first_result_after_a_restart_says_from_where_on_which_nodes_and_why():
+def test_the_first_result_after_a_restart_says_from_which_checkpoint_and_why():
     lines: list[str] = []
     progress = TrialProgress(metric="val_miou", epochs=3, echo=lines.append)
     reason = f"node {NODE_B[:8]} lost"
 
     progress.on_trial_result(0, [], _Trial(), _result(1, 0, f"{NODE_A},{NODE_B}"))
+    # The restored run reports its checkpoint's epoch again (train.py), with the old nodes.
+    progress.on_trial_result(0, [], _Trial(), _result(1, 1, f"{NODE_A},{NODE_B}", reason))
     progress.on_trial_result(0, [], _Trial(), _result(2, 1, f"{NODE_A},{NODE_A}", reason))
     progress.on_trial_result(0, [], _Trial(), _result(3, 1, f"{NODE_A},{NODE_A}", reason))
 
     restarted = [line for line in lines if "restarted" in line]
     assert restarted == [
-        f"trial t_00000 restarted from its checkpoint of epoch 1 on node(s) {NODE_A[:8]} "
-        f"after: node {NODE_B[:8]} lost"
+        f"trial t_00000 restarted from its checkpoint of epoch 1 after: node {NODE_B[:8]} lost"
     ]
-    assert len(lines) == 4  # three epoch lines and one restart line
+    assert len(lines) == 5  # four epoch lines and one restart line
+
+
+def test_a_restart_whose_first_result_is_a_new_epoch_resumed_from_the_one_before():
+    line = restart_line("t_1", _result(3, 1, NODE_A, "worker crashed"), seen_epoch=2)
+    assert line == "trial t_1 restarted from its checkpoint of epoch 2 after: worker crashed"
 
 
 def test_a_restart_before_any_checkpoint_starts_from_the_beginning():
-    line = restart_line("t_1", _result(1, 1, NODE_A, "worker crashed"))
+    line = restart_line("t_1", _result(1, 1, NODE_A, "worker crashed"), seen_epoch=0)
     assert "restarted from the start" in line and line.endswith("after: worker crashed")
 
 

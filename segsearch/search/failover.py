@@ -37,15 +37,19 @@ class TrialReport(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def restart_line(trial_id: str, result: dict[str, Any]) -> str:
-    """What the search prints at the first result after a restart of the trial's Train run."""
+def restart_line(trial_id: str, result: dict[str, Any], *, seen_epoch: int) -> str:
+    """What the search prints at the first result after a restart of the trial's Train run.
+
+    A run restored from a checkpoint first reports that checkpoint's epoch again (train.py), so
+    a first result at or before the last epoch seen (`seen_epoch`) is the restored one; a later
+    one is the first epoch trained after it. Where the workers run now shows in the next results
+    (`worker_nodes`), not in a repeated one.
+    """
     epoch = int(result.get("epoch") or result.get("training_iteration", 1))
-    nodes = sorted({short(node) for node in str(result.get(WORKER_NODES_KEY, "")).split(",")})
+    restored = epoch if epoch <= seen_epoch else epoch - 1
     reason = result.get(RESTART_REASON_KEY) or "unknown failure"
-    resumed = f"its checkpoint of epoch {epoch - 1}" if epoch > 1 else "the start"
-    return (
-        f"trial {trial_id} restarted from {resumed} on node(s) {', '.join(nodes)} after: {reason}"
-    )
+    resumed = f"its checkpoint of epoch {restored}" if restored > 0 else "the start"
+    return f"trial {trial_id} restarted from {resumed} after: {reason}"
 
 
 def recover_line(trial_id: str, error_text: str, last_result: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ class TrialProgress(Callback):
         self.epochs = epochs
         self.echo = echo or print_line
         self._restarts: dict[str, int] = {}
+        self._epochs_seen: dict[str, int] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.echo(f"trial {trial.trial_id} started: {describe(trial.config)}")
@@ -36,7 +37,11 @@ class TrialProgress(Callback):
         restarts = result.get(failover.RESTARTS_KEY, 0)
         if restarts > self._restarts.get(trial.trial_id, 0):
             self._restarts[trial.trial_id] = restarts
-            self.echo(failover.restart_line(trial.trial_id, result))
+            seen = self._epochs_seen.get(trial.trial_id, 0)
+            self.echo(failover.restart_line(trial.trial_id, result, seen_epoch=seen))
+        self._epochs_seen[trial.trial_id] = max(
+            self._epochs_seen.get(trial.trial_id, 0), result_epoch(result)
+        )
         epoch = result_epoch(result)
         score = result.get(self.metric, math.nan)
         speed = result.get("images_per_s", math.nan)
