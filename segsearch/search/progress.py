@@ -56,10 +56,7 @@ class TrialProgress(Callback):
         self.echo(f"trial {trial.trial_id} {how}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        try:
-            error = Path(trial.error_file).read_text() if trial.error_file else ""
-        except OSError:
-            error = ""
+        error = _error_text(trial.error_file)
         self.echo(failover.recover_line(trial.trial_id, error, trial.last_result or {}))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -83,11 +80,16 @@ def print_line(line: str) -> None:
 
 def _last_error_line(error_file: str | None) -> str:
     """The exception line of a trial's traceback (the part that says what went wrong)."""
-    try:
-        lines = Path(error_file).read_text().strip().splitlines() if error_file else []
-    except OSError:
-        lines = []
+    lines = _error_text(error_file).strip().splitlines()
     return lines[-1].strip() if lines else "unknown error"
+
+
+def _error_text(error_file: str | None) -> str:
+    """A trial's error file as Tune wrote it; empty when there is none or it cannot be read."""
+    try:
+        return Path(error_file).read_text() if error_file else ""
+    except OSError:
+        return ""
 
 
 def describe(config: dict[str, Any]) -> str:
