@@ -150,3 +150,48 @@ def test_too_big_or_unfixed_sizes_stream(tmp_path, ray_cluster, monkeypatch) -> 
     assert not big.cached and "object store" in big.describe()
     data = big.for_trial(image_size=SIZE, batch_size=2, seed=0)
     assert not data.cached and len(ids(data.batches("train", rank=0, world=1, epoch=1))) == 4
+
+
+def _mixed_size_dataset(tmp_path: Path) -> str:
+    """Train at 24×24; val images at their own 24×24 and 20×28, none the trained 16×16."""
+    samples = [
+        *generate_demo_samples(n=3, size=(24, 24), seed=2, split="train"),
+        *generate_demo_samples(n=2, size=(24, 24), seed=2, split="val"),
+        *(
+            ("val", f"wide{sample_id}", image, mask)
+            for _, sample_id, image, mask in generate_demo_samples(
+                n=2, size=(20, 28), seed=3, split="val"
+            )
+        ),
+    ]
+    dest = str(tmp_path / "mixed")
+    write_dataset(dest, samples, classes=DEMO_CLASSES, shard_size_mb=0.0015)
+    return dest
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streamed"])
+def test_validation_is_scored_at_each_images_own_resolution(tmp_path, ray_cluster, cached) -> None:
+    """Issue 12: val_miou is what `segsearch evaluate` reports: the net sees the image at the
+    trial's size, its logits are resized (bilinear) to the mask's own size, every labelled pixel
+    of the original mask counts."""
+    import torch.nn.functional as F
+
+    opened = open_dataset(_mixed_size_dataset(tmp_path))
+    info, cpu = opened.info, torch.device("cpu")
+    data = trial_data(opened, cached=cached, batch_size=3)
+    normalize = _Normalizer(info, cpu)
+    net = _net(info).eval()
+    expected = np.zeros((info.num_classes, info.num_classes), dtype=np.int64)
+    for batch in data.batches("val", rank=0, world=1, epoch=1):
+        for image, native in zip(batch["image"], batch["native_mask"], strict=True):
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                logits = net(normalize(pixels))
+            upsampled = F.interpolate(logits, size=native.shape, mode="bilinear")
+            predicted = upsampled.argmax(1)[0].numpy()
+            np.add.at(expected, (native.astype(int), predicted.astype(int)), 1)
+    assert expected.sum() == 2 * 24 * 24 + 2 * 20 * 28
+
+    batches = data.batches("val", rank=0, world=1, epoch=1)
+    matrix = _evaluate(net, batches, info, normalize, cpu)
+    np.testing.assert_array_equal(matrix.matrix.numpy(), expected)

@@ -62,16 +62,23 @@ def split_stream(
     *,
     size: tuple[int, int] | None,
     units: Sequence[dict[str, Any]] | None = None,
+    native_masks: bool = False,
 ) -> ray.data.Dataset:
     """One split as a Ray Dataset decoded as it streams (`units`: some of its row groups, or
-    all of them)."""
+    all of them); with `native_masks`, also each mask at its image's own size (`native_mask`),
+    which validation scores against."""
     import ray.data
 
     items = list(opened.units[split] if units is None else units)
     fs, _ = filesystem_for(opened.uri)
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         read_row_groups,
-        fn_kwargs={"filesystem": fs, "channels": opened.info.channels, "size": size},
+        fn_kwargs={
+            "filesystem": fs,
+            "channels": opened.info.channels,
+            "size": size,
+            "native_masks": native_masks,
+        },
         batch_size=1,
         batch_format="numpy",
         num_cpus=DATA_CPUS,
@@ -85,6 +92,7 @@ def read_row_groups(
     filesystem: pafs.FileSystem,
     channels: int,
     size: tuple[int, int] | None,
+    native_masks: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Read Parquet row groups and yield them decoded, DECODE_BATCH rows at a time.
 
@@ -94,7 +102,13 @@ def read_row_groups(
         units["path"], units["row_group"], units["first_row"], strict=True
     ):
         yield from _decoded_row_group(
-            filesystem, str(path), int(group), int(first), channels=channels, size=size
+            filesystem,
+            str(path),
+            int(group),
+            int(first),
+            channels=channels,
+            size=size,
+            native_masks=native_masks,
         )
 
 
@@ -104,6 +118,7 @@ def decode_row_group(
     filesystem: pafs.FileSystem,
     channels: int,
     size: tuple[int, int] | None,
+    native_masks: bool = False,
 ) -> dict[str, np.ndarray]:
     """One row group (`unit`: shard `path`, `row_group`, `first_row`) read and decoded whole."""
     batches = list(
@@ -115,6 +130,7 @@ def decode_row_group(
             channels=channels,
             size=size,
             rows=None,
+            native_masks=native_masks,
         )
     )
     return batches[0] if len(batches) == 1 else _concat(batches)
@@ -129,6 +145,7 @@ def _decoded_row_group(
     channels: int,
     size: tuple[int, int] | None,
     rows: int | None = DECODE_BATCH,
+    native_masks: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """A row group decoded `rows` rows at a time (all at once for None)."""
     table = read_shard(
@@ -140,12 +157,25 @@ def _decoded_row_group(
         chunk = table.slice(start, step)
         batch = {name: chunk.column(name).to_pylist() for name in COLUMNS}
         yield decode_batch(
-            batch, channels=channels, size=size, shard=shard, first_row=first + start
+            batch,
+            channels=channels,
+            size=size,
+            shard=shard,
+            first_row=first + start,
+            native_masks=native_masks,
         )
 
 
 def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    return {name: concat_rows([b[name] for b in batches]) for name in batches[0]}
+
+
+def concat_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Arrays of rows joined: one array when their rows agree in shape, otherwise an object
+    array of the rows (images of several sizes)."""
+    if len({part.shape[1:] for part in parts}) <= 1 and all(p.dtype != object for p in parts):
+        return np.concatenate(parts)
+    return _stack([row for part in parts for row in part])
 
 
 def decode_batch(
@@ -155,12 +185,14 @@ def decode_batch(
     size: tuple[int, int] | None,
     shard: str = "batch",
     first_row: int = 0,
+    native_masks: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Encoded rows → uint8 arrays, resized to `size` (H, W) when given.
+    """Encoded rows → uint8 arrays, resized to `size` (H, W) when given; with `native_masks`
+    and a `size`, also `native_mask`: each mask at its image's own size.
 
     A row that does not decode raises DataError naming `shard`, its row (counted from
     `first_row`) and its id."""
-    images, masks = [], []
+    images, masks, natives = [], [], []
     rows = zip(batch["id"], batch["image"], batch["mask"], strict=True)
     for offset, (sample_id, image_bytes, mask_bytes) in enumerate(rows):
         where = f"{shard}: row {first_row + offset} (id {str(sample_id)!r})"
@@ -169,11 +201,15 @@ def decode_batch(
             image = np.repeat(image, channels, axis=2)
         if size is not None and image.shape[:2] != size:
             image = _resize(image, size, Image.BILINEAR)
+        natives.append(mask)
         if size is not None and mask.shape != size:
             mask = _resize(mask, size, Image.NEAREST)
         images.append(image)
         masks.append(mask)
-    return {"id": np.asarray(batch["id"]), "image": _stack(images), "mask": _stack(masks)}
+    decoded = {"id": np.asarray(batch["id"]), "image": _stack(images), "mask": _stack(masks)}
+    if native_masks and size is not None:
+        decoded["native_mask"] = _stack(natives)
+    return decoded
 
 
 class TorchCollate(NumpyBatchCollateFn):

@@ -14,7 +14,9 @@ Sharding, the same on both paths: every epoch of the train split is shuffled (ca
 rank dropping its last partial batch, so every rank takes the same number of steps and an epoch
 trains on world × ⌊n / (world × batch_size)⌋ × batch_size images; the few left over differ from
 epoch to epoch. Validation (any other split) gives every image to exactly one rank, none
-dropped, so a trial's scores cover the whole split whatever its worker count.
+dropped, so a trial's scores cover the whole split whatever its worker count; its batches also
+carry each mask at its image's own size (`native_mask`; decoded once beside the resized ones,
+not counted by the cache rule), which the scores are counted on, as `segsearch evaluate` counts.
 
 Bad data: a row that does not decode is found by the decode task, which returns the DataError
 (shard, row, id) instead of failing; the first trial that reads that block raises it, and a
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from segsearch.data.ray_data import DATA_CPUS
+from segsearch.data.ray_data import DATA_CPUS, concat_rows
 from segsearch.data.shards import OpenedDataset
 from segsearch.data.storage import filesystem_for
 from segsearch.errors import UserError, last_line
@@ -39,6 +41,9 @@ CACHE_SHARE = 0.5
 #: Logical CPUs per decode task: the data stream's share, which a search always leaves free
 #: (capacity.py), so decoding finishes even beside trials holding every other CPU.
 DECODE_CPUS = DATA_CPUS
+
+#: What a training batch holds; validation batches of a resized split add `native_mask`.
+TRAIN_COLUMNS = ("id", "image", "mask")
 
 Size = tuple[int, int]
 Batch = dict[str, np.ndarray]
@@ -152,8 +157,9 @@ class TrialData:
             mine = mine[: len(mine) - len(mine) % self.batch_size]
         else:
             mine = np.array_split(np.arange(count), world)[rank]
+        columns = TRAIN_COLUMNS if split == "train" else tuple(blocks[0]) if blocks else ()
         for start in range(0, len(mine), self.batch_size):
-            yield _gather(blocks, offsets, mine[start : start + self.batch_size])
+            yield _gather(blocks, offsets, mine[start : start + self.batch_size], columns)
 
     def _blocks(self, split: str) -> list[Batch]:
         """The split's decoded row groups, fetched once per process (zero-copy on the node)."""
@@ -183,7 +189,9 @@ class TrialData:
             )
         if split not in self._streams:
             units = self.dataset.units[split][rank::world]
-            self._streams[split] = split_stream(self.dataset, split, size=self.size, units=units)
+            self._streams[split] = split_stream(
+                self.dataset, split, size=self.size, units=units, native_masks=True
+            )
         return self._streams[split].iter_batches(batch_size=self.batch_size, batch_format="numpy")
 
     def _train_stream(self, world: int) -> Any:
@@ -221,38 +229,46 @@ def _decode_splits(dataset: OpenedDataset, size: Size) -> dict[str, tuple[Any, .
         for group in np.array_split(np.arange(len(units)), min(lanes, len(units))):
             chosen = [units[i] for i in group]
             returned = task.options(num_cpus=DECODE_CPUS, num_returns=len(chosen)).remote(
-                chosen, filesystem, channels, size
+                chosen, filesystem, channels, size, split != "train"
             )
             refs.extend(returned if len(chosen) > 1 else [returned])
         decoded[split] = tuple(refs)
     return decoded
 
 
-def _decode_task(units: list[Mapping[str, Any]], filesystem: Any, channels: int, size: Size) -> Any:
-    """Each row group decoded, or the UserError that names its bad row: returned, not raised,
-    so the trials that read it fail with that line and the driver logs nothing of its own."""
+def _decode_task(
+    units: list[Mapping[str, Any]], filesystem: Any, channels: int, size: Size, native_masks: bool
+) -> Any:
+    """Each row group decoded (with its masks at their own size too for `native_masks`), or the
+    UserError that names its bad row: returned, not raised, so the trials that read it fail
+    with that line and the driver logs nothing of its own."""
     from segsearch.data.ray_data import decode_row_group
 
     blocks: list[Batch | UserError] = []
     for unit in units:
         try:
             blocks.append(
-                decode_row_group(unit, filesystem=filesystem, channels=channels, size=size)
+                decode_row_group(
+                    unit,
+                    filesystem=filesystem,
+                    channels=channels,
+                    size=size,
+                    native_masks=native_masks,
+                )
             )
         except UserError as err:
             blocks.append(err)
     return tuple(blocks) if len(blocks) > 1 else blocks[0]
 
 
-def _gather(blocks: list[Batch], offsets: np.ndarray, rows: np.ndarray) -> Batch:
+def _gather(
+    blocks: list[Batch], offsets: np.ndarray, rows: np.ndarray, columns: tuple[str, ...]
+) -> Batch:
     """The rows (indices across the split) as one batch: per block, one slice copy."""
     rows = np.sort(rows)
     which = np.searchsorted(offsets, rows, side="right") - 1
     parts = [(blocks[b], rows[which == b] - offsets[b]) for b in np.unique(which)]
-    return {
-        name: np.concatenate([block[name][index] for block, index in parts])
-        for name in ("id", "image", "mask")
-    }
+    return {name: concat_rows([block[name][index] for block, index in parts]) for name in columns}
 
 
 def _data_stream(batches: Iterable[Batch]) -> Iterator[Batch]:

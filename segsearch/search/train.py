@@ -14,6 +14,7 @@ import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -223,9 +224,15 @@ def _batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (image float N,C,H,W in 0..1, mask long N,H,W) on `device` from numpy batches."""
     for batch in batches:
-        image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
-        mask = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(device)
-        yield image.permute(0, 3, 1, 2).float().div_(255), mask.long()
+        yield _tensors(batch, device)
+
+
+def _tensors(
+    batch: dict[str, np.ndarray], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
+    mask = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(device)
+    return image.permute(0, 3, 1, 2).float().div_(255), mask.long()
 
 
 @torch.no_grad()
@@ -236,13 +243,26 @@ def _evaluate(
     normalize: _Normalizer,
     device: torch.device,
 ) -> ConfusionMatrix:
+    """The confusion counts of a split at its images' own resolution: where a batch carries
+    `native_mask` (a split resized to the trial's size), each image's logits are resized
+    (bilinear, as `MaskPredictor` does) to its mask's own size before the argmax, so val_miou
+    is the score `segsearch evaluate` gives the checkpoint, not the score of shrunk masks."""
     net.eval()
     matrix = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     on_gpu = device.type == "cuda"
-    for image, mask in _batches(batches, device):
+    for batch in batches:
+        image, mask = _tensors(batch, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits = net(normalize(image))
-        matrix.update(logits.argmax(1), mask)
+        if "native_mask" not in batch:
+            matrix.update(logits.argmax(1), mask)
+            continue
+        for one, native in zip(logits, batch["native_mask"], strict=True):
+            truth = torch.from_numpy(np.ascontiguousarray(native)).to(device)
+            resized = F.interpolate(
+                one[None].float(), size=tuple(truth.shape), mode="bilinear", align_corners=False
+            )
+            matrix.update(resized.argmax(1)[0], truth)
     matrix.all_reduce()
     return matrix
 
