@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -131,6 +132,8 @@ def main() -> None:
     Shell completion: eval "$(_SEGSEARCH_COMPLETE=bash_source segsearch)" in ~/.bashrc
     (zsh_source for zsh, fish_source for fish).
     """
+    # MLflow's download bar would come before a command's own output and its one-line error.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @main.command()
