@@ -17,15 +17,11 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from segsearch.data.format import DatasetInfo
-from segsearch.search.budget import TrialCosts
 from segsearch.search.epochs import trial_rows
-from segsearch.search.placement import ReleasePlacementGroups
-from segsearch.search.progress import TrialProgress
 from segsearch.search.trial import (
-    TUNE_RETRIES,
-    KeepTrialHistory,
     TrialContext,
     config_key,
+    run_config,
     trainable,
 )
 from segsearch.space import RefitSpec, ResourcesSpec
@@ -115,18 +111,14 @@ def refit_tuner(
             max_concurrent_trials=concurrency,
             reuse_actors=True,
         ),
-        run_config=ray.tune.RunConfig(
-            name=f"{name}{REFIT_SUFFIX}",
-            storage_path=storage,
-            failure_config=ray.tune.FailureConfig(max_failures=TUNE_RETRIES),
-            callbacks=[
-                TrialCosts(context.resources),
-                TrialProgress(metric=context.metric, epochs=phase.epochs, echo=echo),
-                tracker.tune_callback(),
-                ReleasePlacementGroups(),
-                KeepTrialHistory(),
-            ],
-            verbose=0,
+        run_config=run_config(
+            f"{name}{REFIT_SUFFIX}",
+            storage=storage,
+            resources=context.resources,
+            metric=context.metric,
+            epochs=phase.epochs,
+            tune_callback=tracker.tune_callback(),
+            echo=echo,
         ),
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,11 @@ from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset
 from segsearch.data.trial_data import SearchData, TrialData
 from segsearch.errors import UserError, last_line, user_error_in
+from segsearch.search.budget import BudgetStopper, Ledger, TrialCosts
 from segsearch.search.capacity import in_trial_process
 from segsearch.search.failover import TrialReport, failure_reason
-from segsearch.search.progress import print_line
+from segsearch.search.placement import ReleasePlacementGroups
+from segsearch.search.progress import TrialProgress, print_line
 from segsearch.space import ResourcesSpec, nest
 
 #: Validation images drawn in each trial's overlay picture.
@@ -109,6 +111,38 @@ class KeepTrialHistory(Callback):
                     pyarrow.fs.copy_files(remote, str(local), source_filesystem=filesystem)
             except OSError as err:  # storage unreachable: say so, and let the search go on
                 print_line(f"warning: trial {trial.trial_id}: earlier {name} not restored ({err})")
+
+
+def run_config(
+    name: str,
+    *,
+    storage: str,
+    resources: ResourcesSpec,
+    metric: str,
+    epochs: int,
+    tune_callback: Callback,
+    echo: Callable[[str], None],
+    ledger: Ledger | None = None,
+) -> Any:
+    """Tune's RunConfig of a search or of its refit: Tune's retries of a trial, its costs (and
+    the budget's hard limit with a `ledger`), one line per trial event, MLflow, placement groups
+    released, and each trial's history kept."""
+    import ray.tune
+
+    return ray.tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        failure_config=ray.tune.FailureConfig(max_failures=TUNE_RETRIES),
+        stop=BudgetStopper(ledger) if ledger is not None else None,
+        callbacks=[
+            TrialCosts(resources, ledger),
+            TrialProgress(metric=metric, epochs=epochs, echo=echo),
+            tune_callback,
+            ReleasePlacementGroups(),
+            KeepTrialHistory(),
+        ],
+        verbose=0,
+    )
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:

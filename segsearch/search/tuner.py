@@ -26,9 +26,7 @@ from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, wi
 from segsearch.search.budget import (
     BudgetReport,
     BudgetSearch,
-    BudgetStopper,
     Ledger,
-    TrialCosts,
     budget_report,
     forget_ledger,
     ledger_of,
@@ -38,8 +36,7 @@ from segsearch.search.budget import (
 from segsearch.search.capacity import check_capacity, trial_cpus
 from segsearch.search.epochs import trial_rows
 from segsearch.search.pareto import ParetoFront
-from segsearch.search.placement import ReleasePlacementGroups
-from segsearch.search.progress import TrialProgress, format_table, print_line
+from segsearch.search.progress import format_table, print_line
 from segsearch.search.refit import (
     Compute,
     checkpoint_uri,
@@ -61,10 +58,9 @@ from segsearch.search.study import (
     resolve_study_storage,
 )
 from segsearch.search.trial import (
-    TUNE_RETRIES,
-    KeepTrialHistory,
     TrialContext,
     overlay_batch,
+    run_config,
     trainable,
 )
 from segsearch.search.warm_start import warm_start_points
@@ -473,19 +469,15 @@ def _tuner(
             max_concurrent_trials=_concurrency(spec, echo),
             reuse_actors=True,
         ),
-        run_config=ray.tune.RunConfig(
-            name=spec.name,
-            storage_path=storage,
-            failure_config=ray.tune.FailureConfig(max_failures=TUNE_RETRIES),
-            stop=BudgetStopper(ledger) if ledger is not None else None,
-            callbacks=[
-                TrialCosts(spec.resources, ledger),
-                TrialProgress(metric=spec.metric, epochs=spec.epochs, echo=echo),
-                tracker.tune_callback(),
-                ReleasePlacementGroups(),
-                KeepTrialHistory(),
-            ],
-            verbose=0,
+        run_config=run_config(
+            spec.name,
+            storage=storage,
+            resources=spec.resources,
+            metric=spec.metric,
+            epochs=spec.epochs,
+            tune_callback=tracker.tune_callback(),
+            echo=echo,
+            ledger=ledger,
         ),
     )
 
