@@ -4,8 +4,8 @@ ISBI 2012 membranes (bench/isbi.py: 18 train, 6 val, 6 test images, trained at -
 
 - TPE+ASHA: a search over SPACE (--trials trials of up to --trial-epochs epochs, ASHA) whose
   first trial is the baseline's configuration (`enqueue:`), then the best configuration refit for
-  --refit-epochs epochs on the train split, from its trial's best checkpoint or from scratch
-  (--refit-from);
+  --refit-epochs epochs on the train split (or train+val: --refit-on), from its trial's best
+  checkpoint or from scratch (--refit-from);
 - random: the same space and refit, random sampling, no early stopping, as many whole trials as
   fit in the TPE+ASHA search's spent compute;
 - baseline: the hand-configured U-Net (CE, AdamW, flips) given the TPE+ASHA search + refit's
@@ -17,8 +17,9 @@ in the search. Every model is scored by `segsearch evaluate` on the held-out tes
 images' own 512×512 resolution. "To reach" is the image-epochs a search had spent, in the order
 its epochs were reported, when it first matched random search's best val mIoU.
 
-    python bench/search_quality.py [--seeds 3] [--size 128] [--trials 12] [--trial-epochs 9]
+    python bench/search_quality.py [--seeds 3] [--size 128] [--trials 6] [--trial-epochs 12]
                                    [--refit-epochs 30] [--refit-from checkpoint|scratch]
+                                   [--refit-on train|train+val]
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ SPACE = {
     "model.width": {"choice": [8, 16]},
     "model.fcn_skips": {"choice": ["16s", "8s"], "when": {"model.arch": "fcn"}},
     "model.upsample": {"choice": ["transpose", "bilinear"]},
-    "loss.kind": {"choice": ["ce", "weighted_ce", "dice", "ce_dice"]},
+    "loss.kind": {"choice": ["ce", "weighted_ce", "border_ce", "dice", "dice_squared", "ce_dice"]},
     "optim.lr": {"float": [3.0e-4, 1.0e-2], "log": True},
     "aug.flip": {"choice": [True, False]},
     "aug.elastic": {"choice": [True, False]},
@@ -94,7 +95,12 @@ def space(name: str, *, sampler: str, seed: int, args: argparse.Namespace, trial
         "epochs": args.trial_epochs,
         "sampler": {"kind": sampler, "seed": seed},
         "scheduler": asha if sampler == "tpe" else {"kind": "none"},
-        "refit": {"epochs": args.refit_epochs, "top_k": 1, "on": "train", "from": args.refit_from},
+        "refit": {
+            "epochs": args.refit_epochs,
+            "top_k": 1,
+            "on": args.refit_on,
+            "from": args.refit_from,
+        },
         "fixed": {"batch_size": 4, "image_size": [args.size, args.size], "seed": seed},
         "space": SPACE,
         "enqueue": [ENQUEUED],
@@ -179,14 +185,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--size", type=int, default=128, help="training image side in pixels")
-    parser.add_argument("--trials", type=int, default=12, help="TPE+ASHA trials")
-    parser.add_argument("--trial-epochs", type=int, default=9, help="epochs per trial at most")
+    parser.add_argument("--trials", type=int, default=6, help="TPE+ASHA trials")
+    parser.add_argument("--trial-epochs", type=int, default=12, help="epochs per trial at most")
     parser.add_argument("--refit-epochs", type=int, default=30)
     parser.add_argument(
         "--refit-from",
         choices=["checkpoint", "scratch"],
         default="checkpoint",
         help="start the refit from the trial's best checkpoint, or train it anew",
+    )
+    parser.add_argument(
+        "--refit-on",
+        choices=["train", "train+val"],
+        default="train",
+        help="the refit's training images (the baseline always trains on train)",
     )
     args = parser.parse_args()
     started = time.perf_counter()
@@ -203,7 +215,7 @@ def main() -> None:
                 dataset=dataset,
                 tmp=tmp,
             )
-            search_epochs = tpe.image_epochs / train_images - args.refit_epochs
+            search_epochs = (tpe.image_epochs - tpe.refit_image_epochs) / train_images
             random_trials = max(1, math.floor(search_epochs / args.trial_epochs))
             random = run(
                 "random",
