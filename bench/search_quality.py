@@ -9,7 +9,7 @@ ISBI 2012 membranes (bench/isbi.py: 18 train, 6 val, 6 test images, trained at -
 - random: the same space and refit, random sampling, no early stopping, as many whole trials as
   fit in the TPE+ASHA search's spent compute;
 - baseline: the hand-configured U-Net (CE, AdamW, flips) given the TPE+ASHA search + refit's
-  whole compute as epochs of the train split.
+  whole compute as epochs of the train split (or of train+val: --baseline-on).
 
 Compute is image-epochs (epochs trained × training images), counted from what each search
 reports it spent: a refit from a checkpoint counts its own epochs, the checkpoint's were counted
@@ -19,7 +19,7 @@ its epochs were reported, when it first matched random search's best val mIoU.
 
     python bench/search_quality.py [--seeds 3] [--size 128] [--trials 6] [--trial-epochs 12]
                                    [--refit-epochs 30] [--refit-from checkpoint|scratch]
-                                   [--refit-on train|train+val]
+                                   [--refit-on train|train+val] [--baseline-on train|train+val]
 """
 
 from __future__ import annotations
@@ -107,14 +107,18 @@ def space(name: str, *, sampler: str, seed: int, args: argparse.Namespace, trial
     }
 
 
-def baseline_space(name: str, *, seed: int, epochs: int, size: int) -> dict:
-    return {
-        "name": name,
-        "trials": 1,
-        "epochs": epochs,
-        "scheduler": {"kind": "none"},
-        "fixed": {**BASELINE, "image_size": [size, size], "seed": seed},
-    }
+def baseline_space(
+    name: str, *, seed: int, image_epochs: float, size: int, on: str, splits: dict[str, int]
+) -> dict:
+    """The baseline given `image_epochs`: all of them on the train split, or (train+val) one
+    epoch on train, then the rest as a refit on train+val from that epoch's weights."""
+    fixed = {**BASELINE, "image_size": [size, size], "seed": seed}
+    raw = {"name": name, "trials": 1, "scheduler": {"kind": "none"}, "fixed": fixed}
+    if on == "train":
+        return {**raw, "epochs": round(image_epochs / splits["train"])}
+    images = splits["train"] + splits["val"]
+    refit = round((image_epochs - splits["train"]) / images)
+    return {**raw, "epochs": 1, "refit": {"epochs": refit, "on": on, "from": "checkpoint"}}
 
 
 def run(label: str, raw: dict[str, Any], *, dataset: str, tmp: str) -> Outcome:
@@ -198,7 +202,13 @@ def main() -> None:
         "--refit-on",
         choices=["train", "train+val"],
         default="train",
-        help="the refit's training images (the baseline always trains on train)",
+        help="the refit's training images",
+    )
+    parser.add_argument(
+        "--baseline-on",
+        choices=["train", "train+val"],
+        default="train",
+        help="the baseline's training images (train+val: one epoch on train, then train+val)",
     )
     args = parser.parse_args()
     started = time.perf_counter()
@@ -225,10 +235,16 @@ def main() -> None:
                 dataset=dataset,
                 tmp=tmp,
             )
-            epochs = round(tpe.image_epochs / train_images)
             baseline = run(
                 "baseline",
-                baseline_space(f"q-baseline-{seed}", seed=seed, epochs=epochs, size=args.size),
+                baseline_space(
+                    f"q-baseline-{seed}",
+                    seed=seed,
+                    image_epochs=tpe.image_epochs,
+                    size=args.size,
+                    on=args.baseline_on,
+                    splits=splits,
+                ),
                 dataset=dataset,
                 tmp=tmp,
             )
