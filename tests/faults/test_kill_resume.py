@@ -171,7 +171,10 @@ def test_a_killed_driver_resumes_on_a_fresh_ray_with_s3_storage(s3_dataset, s3_b
         trained_epochs = [epoch for epoch, _ in trained]
         assert len(trained_epochs) == len(set(trained_epochs)), f"{trial_id} trained twice"
         assert trained_epochs and trained_epochs[-1] == epochs, f"{trial_id} history {trained}"
-    scores = {tid: client.get_run(run_id).data.metrics["val_miou"] for tid, run_id in runs.items()}
+    scores = {
+        trial_id: max(m.value for m in client.get_metric_history(run_id, "val_miou"))
+        for trial_id, run_id in runs.items()
+    }
     study = f"sqlite:///{tmp_path}/optuna.db"
     _assert_optuna_knows(study, name, s3_bucket, tmp_path / "searcher", scores)
 
@@ -198,9 +201,9 @@ def _run_until_two_in_flight(run: subprocess.Popen) -> dict[str, set[str]]:
 
 
 def _assert_optuna_knows(url: str, name: str, bucket: str, folder: Path, scores: dict) -> None:
-    """The search's study holds every trial once, finished with its last score (the history the
-    next suggestions are drawn from), as the searcher state Tune saved last maps them; a study
-    trial lost with the killed driver is FAIL, never left RUNNING."""
+    """The search's study holds every trial once, finished with its best epoch's score (the
+    history the next suggestions are drawn from), as the searcher state Tune saved last maps
+    them; a study trial lost with the killed driver is FAIL, never left RUNNING."""
     import optuna
 
     s3 = boto3.client("s3")
