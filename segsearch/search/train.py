@@ -14,7 +14,6 @@ import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -39,6 +38,7 @@ from segsearch.search import placement
 from segsearch.search.cost import measure_cost
 from segsearch.search.system_metrics import SystemSampler
 from segsearch.search.worker import Worker, ray_train_worker
+from segsearch.serve.predictor import resize_logits
 from segsearch.space import MEASURED_COSTS
 from segsearch.visualize import plot_confusion, render_overlays, write_class_iou_csv
 
@@ -245,8 +245,8 @@ def _evaluate(
 ) -> ConfusionMatrix:
     """The confusion counts of a split at its images' own resolution: where a batch carries
     `native_mask` (a split resized to the trial's size), each image's logits are resized
-    (bilinear, as `MaskPredictor` does) to its mask's own size before the argmax, so val_miou
-    is the score `segsearch evaluate` gives the checkpoint, not the score of shrunk masks."""
+    (`resize_logits`, as `MaskPredictor` does) to its mask's own size before the argmax, so
+    val_miou is the score `segsearch evaluate` gives the checkpoint, not that of shrunk masks."""
     net.eval()
     matrix = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     on_gpu = device.type == "cuda"
@@ -259,9 +259,7 @@ def _evaluate(
             continue
         for one, native in zip(logits, batch["native_mask"], strict=True):
             truth = torch.from_numpy(np.ascontiguousarray(native)).to(device)
-            resized = F.interpolate(
-                one[None].float(), size=tuple(truth.shape), mode="bilinear", align_corners=False
-            )
+            resized = resize_logits(one[None].float(), truth.shape)
             matrix.update(resized.argmax(1)[0], truth)
     matrix.all_reduce()
     return matrix

@@ -49,12 +49,12 @@ class MaskPredictor(nn.Module):
         return (batch - self.mean) / self.std
 
     def resize(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Logits N,K,h,w → N,K,H,W at the input's size (bilinear).
+        """Logits N,K,h,w → N,K,H,W at the input's size (`resize_logits`).
 
         Always resized, even to the same size (an exact copy), so that torch.export sees no
         branch on the input's height and width.
         """
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return resize_logits(logits, size)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N,H,W,C → logits N,K,H,W at the input's size: what the argmax is taken of."""
@@ -70,6 +70,12 @@ class MaskPredictor(nn.Module):
     def input_shape(self, image: np.ndarray) -> tuple[int, ...]:
         """The network input shape for one image: images with equal ones can share a batch."""
         return self.size if self.size is not None else image.shape[:2]
+
+
+def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Logits N,K,h,w → N,K,H,W (bilinear): how a prediction reaches its mask's own size, the
+    same for a trial's val scores (search/train.py) as for `predict` and `evaluate`."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
