@@ -442,13 +442,14 @@ def _parse_when(where: str, when: Any) -> tuple[tuple[str, tuple[Scalar, ...]], 
 
 
 def search_image_sizes(spec: SearchSpec) -> set[tuple[int, int] | None]:
-    """Every image_size a trial of `spec` can train at: the fixed one; None for each image's own
-    size (none fixed) or for a size drawn from the space (no fixed list of sizes)."""
+    """Every image_size a trial of `spec` can train at: the fixed one, or each a `choice`
+    lists ("HEIGHTxWIDTH"); None stands for each image's own size."""
     from segsearch.config import check_image_size
 
-    if any(param.key == "image_size" for param in spec.params):
-        return {None}
-    return {check_image_size(spec.fixed.get("image_size"))}
+    drawn = next((param for param in spec.params if param.key == "image_size"), None)
+    if drawn is None:
+        return {check_image_size(spec.fixed.get("image_size"))}
+    return {check_image_size(choice) for choice in drawn.choices}
 
 
 def flatten_sections(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

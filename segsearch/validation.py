@@ -47,6 +47,20 @@ def _no_lookalike(value: Any) -> Any:
 Exact = BeforeValidator(_no_lookalike)
 
 
+def _size_from_text(value: Any) -> Any:
+    """ "HEIGHTxWIDTH" → [height, width]: a search space's `choice` values are scalars, so a
+    searched size is written as text; anything else is left for the field's own rule."""
+    if isinstance(value, str):
+        height, sep, width = value.lower().partition("x")
+        if sep and height.strip().isdigit() and width.strip().isdigit():
+            return [int(height), int(width)]
+    return value
+
+
+#: Put on a [height, width] field so that it also takes "HEIGHTxWIDTH".
+SizeText = BeforeValidator(_size_from_text)
+
+
 def integer(default: int, *, low: int, high: int | None = None, rule: str | None = None) -> Any:
     """An int field within [low, high]."""
     if rule is None:

@@ -221,6 +221,44 @@ def test_grayscale_and_batch_of_one() -> None:
     assert out_image.shape == gray.shape and out_mask.shape == mask.shape
 
 
+def test_crop_is_an_exact_window_of_the_image_and_its_mask_at_random_places() -> None:
+    image, mask = blocky_batch(n=16, size=(64, 96))
+    out_image, out_mask = build_augment({"crop": [24, 40]})(
+        image, mask, generator=torch.Generator().manual_seed(10)
+    )
+    assert out_image.shape == (16, 3, 24, 40) and out_mask.shape == (16, 24, 40)
+    places = set()
+    for i in range(16):
+        # Channel 1 is noise: its top-left value says where the window can sit.
+        corner = (image[i, 1, : 64 - 24 + 1, : 96 - 40 + 1] - out_image[i, 1, 0, 0]).abs()
+        y, x = divmod(int(corner.argmin()), 96 - 40 + 1)
+        assert torch.equal(out_mask[i], mask[i, y : y + 24, x : x + 40])
+        assert torch.allclose(out_image[i], image[i, :, y : y + 24, x : x + 40], atol=1e-5)
+        places.add((y, x))
+    assert len(places) > 8, "the windows should sit at many places"
+
+
+def test_crop_with_other_geometry_keeps_the_mask_aligned() -> None:
+    image, mask = blocky_batch(n=8, size=(96, 96))
+    out_image, out_mask = build_augment({**ALL, "color": 0.0, "crop": [48, 64]})(
+        image, mask, generator=torch.Generator().manual_seed(11)
+    )
+    assert out_mask.shape == (8, 48, 64)
+    assert_aligned(out_image, out_mask)
+
+
+def test_a_crop_as_large_as_the_image_keeps_all_of_it() -> None:
+    image, mask = blocky_batch(n=2, size=(32, 48))
+    out_image, out_mask = build_augment({"crop": [32, 48]})(image, mask)
+    assert torch.equal(out_mask, mask) and torch.allclose(out_image, image, atol=1e-5)
+
+
+def test_a_crop_larger_than_the_image_names_both_sizes() -> None:
+    image, mask = blocky_batch(n=2, size=(32, 48))
+    with pytest.raises(UserError, match=r"aug.crop \[40, 40\] does not fit in a 32x48 image"):
+        build_augment({"crop": [40, 40]})(image, mask)
+
+
 def test_mismatched_shapes_are_refused() -> None:
     image, mask = blocky_batch()
     with pytest.raises(ValueError, match="mask"):
@@ -228,7 +266,7 @@ def test_mismatched_shapes_are_refused() -> None:
 
 
 def test_unknown_key_lists_the_valid_keys() -> None:
-    with pytest.raises(UserError, match=r"rotate.*color.*elastic.*flip.*jitter_px.*scale"):
+    with pytest.raises(UserError, match=r"rotate.*color.*crop.*elastic.*flip.*jitter_px.*scale"):
         build_augment({"rotate": 10})
 
 
@@ -248,6 +286,9 @@ def test_unknown_key_lists_the_valid_keys() -> None:
         ({"elastic": {"sigma": -1}}, "aug.elastic.sigma"),
         ({"elastic": {"grid": 1}}, "aug.elastic.grid must be an integer >= 2"),
         ({"color": 1.5}, r"aug.color must be a jitter strength in \[0, 1\]"),
+        ({"crop": 32}, r"aug.crop must be \[height, width\]"),
+        ({"crop": [32, 4]}, r"aug.crop must be .*, each an integer >= 8, got \[32, 4\]"),
+        ({"crop": [32, 32, 3]}, r"aug.crop must be \[height, width\]"),
     ],
 )
 def test_bad_values_name_the_key_and_the_rule(cfg: dict, message: str) -> None:

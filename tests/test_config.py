@@ -24,6 +24,13 @@ FULL = {
 }
 
 
+@pytest.mark.parametrize("text", ["32x48", "32X48", " 32 x 48 "])
+def test_a_size_may_be_written_as_height_x_width(text: str) -> None:
+    trial = TrialConfig.from_dict({"image_size": text, "aug": {"crop": text}})
+    assert trial.image_size == (32, 48) and trial.aug.crop == (32, 48)
+    assert trial.to_dict()["image_size"] == [32, 48]
+
+
 def test_to_dict_is_json_and_rebuilds_the_same_config() -> None:
     trial = TrialConfig.from_dict(FULL)
     data = json.loads(json.dumps(trial.to_dict()))
@@ -48,11 +55,14 @@ def test_sections_are_frozen() -> None:
     [
         (
             {"image_size": [4, 8]},
-            "image_size must be [height, width], each an integer >= 8, got [4, 8]",
+            'image_size must be [height, width] or "HEIGHTxWIDTH", each an integer >= 8, '
+            "got [4, 8]",
         ),
-        ({"image_size": [8.5, 9]}, "image_size must be [height, width], each an integer >= 8"),
-        ({"image_size": 64}, "image_size must be [height, width], each an integer >= 8, got 64"),
-        ({"image_size": ["a", 9]}, "image_size must be [height, width], each an integer >= 8"),
+        ({"image_size": [8.5, 9]}, "image_size must be [height, width] or"),
+        ({"image_size": 64}, "each an integer >= 8, got 64"),
+        ({"image_size": ["a", 9]}, "image_size must be [height, width] or"),
+        ({"image_size": "64 by 64"}, "each an integer >= 8, got '64 by 64'"),
+        ({"image_size": "4x8"}, "each an integer >= 8, got '4x8'"),
         ({"image_size": [8, 8, 8]}, "image_size must be [height, width]"),
         ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
@@ -73,6 +83,10 @@ def test_sections_are_frozen() -> None:
         ({"loss": {"kind": "border_ce", "foreground_classes": [1, "a"]}}, "got [1, 'a']"),
         ({"loss": []}, "loss must be a mapping, got list"),
         ({"aug": {"elastic": {"grid": 1.5}}}, "aug.elastic.grid must be an integer >= 2"),
+        (
+            {"image_size": [64, 64], "aug": {"crop": [32, 96]}},
+            "aug.crop [32, 96] does not fit in image_size [64, 64]",
+        ),
         ({"aug": {"scale": float("inf")}}, "aug.scale must be a number s in [0, 1)"),
     ],
 )

@@ -12,7 +12,14 @@ import yaml
 
 from segsearch.config import TrialConfig
 from segsearch.errors import UserError
-from segsearch.space import enqueued_points, flatten_sections, load_space, nest, parse_space
+from segsearch.space import (
+    enqueued_points,
+    flatten_sections,
+    load_space,
+    nest,
+    parse_space,
+    search_image_sizes,
+)
 
 SPACES = sorted(Path(__file__).resolve().parent.parent.joinpath("search_spaces").glob("*.yaml"))
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -73,6 +80,20 @@ def test_fixed_values_reach_every_trial_nested():
     (config,) = sample(spec, 1)
     assert config["batch_size"] == 4 and config["image_size"] == [32, 48]
     assert config["optim"]["name"] == "sgd" and 0.001 <= config["optim"]["lr"] <= 0.1
+
+
+def test_image_sizes_a_search_can_draw_are_known_when_chosen_from_a_list():
+    chosen = parse_space({"name": "t", "space": {"image_size": {"choice": ["128x128", "256x192"]}}})
+    assert search_image_sizes(chosen) == {(128, 128), (256, 192)}
+    assert {TrialConfig.from_dict(c).image_size for c in sample(chosen, 20)} == {
+        (128, 128),
+        (256, 192),
+    }
+    with_native = parse_space({"name": "t", "space": {"image_size": {"choice": ["64x64", None]}}})
+    assert search_image_sizes(with_native) == {(64, 64), None}
+    fixed = parse_space({"name": "t", "fixed": {"image_size": [32, 48]}})
+    assert search_image_sizes(fixed) == {(32, 48)}
+    assert search_image_sizes(parse_space({"name": "t"})) == {None}
 
 
 def test_int_step_and_log_are_honoured():

@@ -1,8 +1,11 @@
 """Batch augmentation on the training device: image and mask warped by one shared sampling grid.
 
-All geometry (flips, translation jitter, scale + crop, elastic deformation) is folded into a single
-sampling grid per sample, so the image is resampled once (bilinear, zeros outside the frame) and the
-mask once with the very same grid (nearest; `ignore_index` wherever the grid leaves the frame). The
+All geometry (flips, translation jitter, scale + crop, elastic deformation, a random window) is
+folded into a single sampling grid per sample, so the image is resampled once (bilinear, zeros
+outside the frame) and the mask once with the very same grid (nearest; `ignore_index` wherever the
+grid leaves the frame). The window (`crop`) sets the grid's size: a trial can train on small
+windows of images kept at a large `image_size`, each step costing what the window's pixels cost,
+while validation and prediction see whole images. The
 random parameters come from an optional `torch.Generator`, so the same seed gives the same batch.
 Colour jitter (contrast, then brightness) touches the image only. Images are float in 0..1, as
 `segsearch.search.train` feeds them.
@@ -12,13 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from segsearch.validation import Section, integer, number, validate
+from segsearch.errors import UserError
+from segsearch.validation import Section, SizeText, integer, number, validate
+
+#: The smallest window side, as the smallest image side a trial takes (config.MIN_IMAGE_SIDE).
+MIN_CROP_SIDE = 8
+CropSide = Annotated[int, Field(ge=MIN_CROP_SIDE)]
 
 LUMA = (0.299, 0.587, 0.114)
 """ITU-R BT.601 weights of R, G, B in an image's grey level (contrast blends towards its mean)."""
@@ -44,6 +52,12 @@ class AugConfig(Section):
         None, description=f"true, false or a mapping with keys {sorted(Elastic.model_fields)}"
     )
     color: float = number(0.0, ge=0, le=1, rule="a jitter strength in [0, 1]")
+    # strict=False: JSON and YAML give a list; the sides themselves must still be ints.
+    crop: Annotated[tuple[CropSide, CropSide] | None, SizeText] = Field(
+        None,
+        strict=False,
+        description=f'[height, width] or "HEIGHTxWIDTH", each an integer >= {MIN_CROP_SIDE}',
+    )
 
     @field_validator("elastic", mode="before")
     @classmethod
@@ -63,6 +77,7 @@ class Augment:
     scale: float = 0.0
     elastic: Elastic | None = None
     color: float = 0.0
+    crop: tuple[int, int] | None = None
     ignore_index: int = 255
 
     @property
@@ -71,7 +86,7 @@ class Augment:
 
     @property
     def has_geometry(self) -> bool:
-        return bool(self.flip or self.jitter_px or self.scale or self.elastic)
+        return bool(self.flip or self.jitter_px or self.scale or self.elastic or self.crop)
 
     def __call__(
         self,
@@ -80,7 +95,8 @@ class Augment:
         *,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment (image float N,C,H,W in 0..1, mask long N,H,W); inputs are not modified."""
+        """Augment (image float N,C,H,W in 0..1, mask long N,H,W); inputs are not modified. With
+        `crop`, the outputs are crop-sized windows (a UserError if the crop does not fit)."""
         if image.dim() != 4 or mask.shape != (image.shape[0], *image.shape[2:]):
             raise ValueError(
                 f"expected image (N,C,H,W) and mask (N,H,W), got {tuple(image.shape)} and "
@@ -88,6 +104,11 @@ class Augment:
             )
         if self.is_identity:
             return image, mask
+        if self.crop and (self.crop[0] > image.shape[2] or self.crop[1] > image.shape[3]):
+            raise UserError(
+                f"aug.crop {list(self.crop)} does not fit in a {image.shape[2]}x{image.shape[3]} "
+                "image; choose a crop no larger than the trial's image_size"
+            )
         draw = _Draw(generator, image.device)
         if self.has_geometry:
             grid = self._grid(draw, image.shape[0], *image.shape[2:])
@@ -97,8 +118,14 @@ class Augment:
         return image, mask
 
     def _grid(self, draw: _Draw, n: int, height: int, width: int) -> torch.Tensor:
-        """Sampling grid (N,H,W,2) in grid_sample's normalized coordinates (align_corners=False)."""
+        """Sampling grid (N,h,w,2) in grid_sample's normalized coordinates (align_corners=False),
+        h×w the crop's size (else the image's)."""
         px = torch.tensor([2.0 / width, 2.0 / height], device=draw.device)  # one pixel, normalized
+        xs = _pixel_centres(width, draw.device).expand(n, width)
+        ys = _pixel_centres(height, draw.device).expand(n, height)
+        if self.crop:
+            ys = _window(draw, ys, self.crop[0])
+            xs = _window(draw, xs, self.crop[1])
         linear = torch.ones(n, 2, device=draw.device)
         shift = torch.zeros(n, 2, device=draw.device)
         if self.flip:
@@ -113,18 +140,19 @@ class Augment:
         if self.jitter_px:
             shift = shift + px * draw.randint(2 * self.jitter_px + 1, (n, 2)) - px * self.jitter_px
         # No rotation, so the affine grid is separable: x depends on the column, y on the row.
-        xs = _pixel_centres(width, draw.device)[None, None, :] * linear[:, 0, None, None]
-        ys = _pixel_centres(height, draw.device)[None, :, None] * linear[:, 1, None, None]
+        out_h, out_w = ys.shape[1], xs.shape[1]
+        xs = xs[:, None, :] * linear[:, 0, None, None]
+        ys = ys[:, :, None] * linear[:, 1, None, None]
         grid = torch.stack(
             [
-                (xs + shift[:, 0, None, None]).expand(n, height, width),
-                (ys + shift[:, 1, None, None]).expand(n, height, width),
+                (xs + shift[:, 0, None, None]).expand(n, out_h, out_w),
+                (ys + shift[:, 1, None, None]).expand(n, out_h, out_w),
             ],
             dim=-1,
         )
         if self.elastic:
             coarse = self.elastic.sigma * draw.randn((n, 2, self.elastic.grid, self.elastic.grid))
-            field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)
+            field = F.interpolate(coarse, size=(out_h, out_w), mode="bicubic", align_corners=True)
             grid = grid + field.permute(0, 2, 3, 1) * px
         return grid
 
@@ -145,6 +173,7 @@ def build_augment(aug_cfg: AugConfig | Mapping[str, Any], *, ignore_index: int =
         scale=cfg.scale,
         elastic=elastic,
         color=cfg.color,
+        crop=cfg.crop,
         ignore_index=ignore_index,
     )
 
@@ -190,6 +219,15 @@ def _adjust_brightness(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor
 def _pixel_centres(size: int, device: torch.device) -> torch.Tensor:
     """Normalized coordinates of pixel centres, as grid_sample reads them (align_corners=False)."""
     return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
+
+
+def _window(draw: _Draw, centres: torch.Tensor, size: int) -> torch.Tensor:
+    """Each sample's `size` consecutive pixel centres (N,size) of `centres` (N,L), starting at a
+    random pixel: a window of the image, as the flips and zoom then see it."""
+    n, length = centres.shape
+    start = draw.randint(length - size + 1, (n,)).long()
+    index = start[:, None] + torch.arange(size, device=centres.device)
+    return centres.gather(1, index)
 
 
 def _resample(

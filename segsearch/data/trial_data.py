@@ -1,13 +1,13 @@
 """Each trial's input, decoded once per search: batches for (split, rank, world, epoch).
 
-The rule: when the search fixes `image_size` and the decoded uint8 images and masks of every
-split at that size take at most CACHE_SHARE of the cluster's object-store memory, the search
-driver starts decoding them once, in parallel Ray tasks (at most one per logical CPU, each a run
-of Parquet row groups, one object per row group), before Tune starts. The arrays stay in Ray's
-object store (spilled to local disk as Ray does when it fills), owned by the driver, which lives
-as long as the search; every trial and every epoch reads them from there. Otherwise (no fixed
-image_size, or too big) each trial streams its splits through Ray Data and decodes them every
-epoch (`ray_data.split_stream`).
+The rule: when the search fixes `image_size` (or draws it from a list) and the decoded uint8
+images and masks of every split at those sizes take at most CACHE_SHARE of the cluster's
+object-store memory, the search driver starts decoding them once, in parallel Ray tasks (at
+most one per logical CPU, each a run of Parquet row groups, one object per row group), before
+Tune starts. The arrays stay in Ray's object store (spilled to local disk as Ray does when it
+fills), owned by the driver, which lives as long as the search; every trial and every epoch
+reads them from there. Otherwise (each image at its own size, or too big) each trial streams its
+splits through Ray Data and decodes them every epoch (`ray_data.split_stream`).
 
 Sharding, the same on both paths: every epoch of the train split is shuffled (cached: with seed
 (trial seed, epoch)) and dealt to the `world` ranks in equal shares of ⌊n / world⌋ images, each
