@@ -290,9 +290,8 @@ def main() -> None:
             ]
             tpe = outcomes[0]
             if not args.skip_random:
-                # Whole trials of the mean drawn size, as many as the TPE+ASHA search spent.
-                share = statistics.mean(side**2 for side in args.search_sizes) / args.size**2
-                per_trial = args.trial_epochs * splits["train"] * share
+                # As many whole trials (each on --size crops) as the TPE+ASHA search spent.
+                per_trial = args.trial_epochs * splits["train"]
                 trials = max(1, math.floor((tpe.image_epochs - tpe.refit_image_epochs) / per_trial))
                 outcomes.append(
                     run(
