@@ -120,6 +120,11 @@ def space(name: str, *, sampler: str, seed: int, args: argparse.Namespace, trial
     }
 
 
+def sides(text: str) -> list[int]:
+    """Square image sides from the command line: "128,256" → [128, 256]."""
+    return [int(side) for side in text.split(",")]
+
+
 def _text(side: int) -> str:
     return f"{side}x{side}"
 
@@ -243,7 +248,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="training image side in pixels")
     parser.add_argument(
         "--search-sizes",
-        type=lambda text: [int(side) for side in text.split(",")],
+        type=sides,
         default=None,
         help="square training sides the searches draw from, comma-separated (default: --size)",
     )
