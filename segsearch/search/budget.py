@@ -18,7 +18,11 @@ three Tune parts share it:
   ledger.
 
 A `wall` budget counts the search's own wall time (across `--resume`) instead of device-seconds,
-and a trial's estimate is its wall time. The refit is not counted: it trains a known number of
+and a trial's estimate is its wall time.
+
+A budget given on `--resume` replaces the one the search started with if it is of the same kind
+(`resumed_budget`); `BudgetGenerator` then lets a search its old budget stopped start trials
+again. The refit is not counted: it trains a known number of
 epochs the user asked for after the search, and its cost is reported beside the search's.
 """
 
@@ -30,9 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from ray.tune.stopper import Stopper
 
+from segsearch.errors import UserError
 from segsearch.search.capacity import trial_cpus
 from segsearch.space import BudgetSpec, ResourcesSpec
 from segsearch.values import is_number
@@ -118,6 +123,11 @@ class Ledger:
         self._started = time.monotonic()
         self._seen = {}
         _LEDGERS[self.search] = self
+
+    def apply(self, budget: BudgetSpec) -> None:
+        """Count against `budget` from now on: a resumed search's own, of this ledger's kind."""
+        self.budget = budget
+        self.limit_s = budget.limit_s
 
     def record(self, trial_id: str, seconds: float, epoch: int) -> None:
         """A trial's result: it has held its resources `seconds` by the end of `epoch`."""
@@ -226,6 +236,56 @@ class BudgetSearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.searcher.restore(checkpoint_path)
+
+
+class BudgetGenerator(SearchGenerator):
+    """Tune's generator of a budgeted search, which a resumed search with room left reopens.
+
+    Tune saves whether its generator has finished, and a restored one that has suggests no
+    trial: without this a search its budget stopped would stay stopped under a larger budget.
+    """
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        ledger = ledger_in(self.searcher)
+        stopped = self._finished and ledger is not None and ledger.stopped
+        if stopped and ledger.may_start() is not False:
+            self._finished = ledger.stopped = False
+
+
+def budgeted(searcher: Searcher, ledger: Ledger, *, concurrency: int) -> BudgetGenerator:
+    """A budgeted search's algorithm, limited to `concurrency` trials at once as Tune would
+    (its `max_concurrent_trials` limits only a Searcher it wraps itself)."""
+    limited = ConcurrencyLimiter(BudgetSearch(searcher, ledger), max_concurrent=concurrency)
+    return BudgetGenerator(limited)
+
+
+def ledger_in(search_alg: Any) -> Ledger | None:
+    """The ledger of the BudgetSearch in a search algorithm's wrappers (None: no budget)."""
+    while search_alg is not None and not isinstance(search_alg, BudgetSearch):
+        search_alg = getattr(search_alg, "searcher", None)
+    return search_alg.ledger if search_alg is not None else None
+
+
+def resumed_budget(
+    search: str, started: BudgetSpec | None, given: BudgetSpec | None
+) -> BudgetSpec | None:
+    """The budget a resumed search runs under: the one given (space or --budget) if it is of
+    the kind it started with (what was spent is counted in that kind), else its own."""
+    if given is None:
+        return started
+    if started is None:
+        raise UserError(
+            f"budget {given.describe()}: search {search!r} started without a budget and resumes "
+            "without one; start a new search (another --name) to search within a budget"
+        )
+    if given.kind != started.kind:
+        raise UserError(
+            f"budget {given.describe()}: search {search!r} started with budget "
+            f"{started.describe()} and resumes with a budget of that kind only; give --budget "
+            f"{started.kind}=AMOUNT"
+        )
+    return given
 
 
 class BudgetStopper(Stopper):

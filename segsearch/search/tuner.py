@@ -20,16 +20,19 @@ from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
+from segsearch.data.storage import filesystem_for, join, storage_errors
 from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
 from segsearch.search.budget import (
     BudgetReport,
-    BudgetSearch,
     Ledger,
     budget_report,
+    budgeted,
     forget_ledger,
+    ledger_in,
     ledger_of,
+    resumed_budget,
     total_cost,
     with_costs,
 )
@@ -64,7 +67,14 @@ from segsearch.search.trial import (
     trainable,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import SearchSpec, check_budget, enqueued_points, nest, search_image_sizes
+from segsearch.space import (
+    BudgetSpec,
+    SearchSpec,
+    check_budget,
+    enqueued_points,
+    nest,
+    search_image_sizes,
+)
 from segsearch.tracking import SearchTracker
 
 #: The parent run's tag that says how the search went against its budget.
@@ -201,6 +211,8 @@ def run_search(
     study_url = resolve_study_storage(
         optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
     )
+    if can_restore:
+        spec = _resumed(spec, experiment_path, study_url)
     points = [] if can_restore else _new_study(spec, study_url, tracking_uri, echo)
     url = init_ray(address, dashboard=dashboard)
     if dashboard:
@@ -442,10 +454,14 @@ def _tuner(
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     if restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
-        forget_ledger(spec.name)  # the search keeps the budget it started with
-        return ray.tune.Tuner.restore(
+        forget_ledger(spec.name)  # the restored Tuner brings its own ledger
+        tuner = ray.tune.Tuner.restore(
             experiment_path, trainable=function, resume_unfinished=True, resume_errored=True
         )
+        restored = ledger_of(spec.name)
+        if restored is not None and spec.budget is not None:
+            restored.apply(spec.budget)  # the budget it resumes with (`_resumed`)
+        return tuner
     scheduler = (
         ASHAScheduler(
             time_attr="epoch",  # a trial Tune restarted counts its iterations from 1 again
@@ -456,17 +472,17 @@ def _tuner(
         if spec.scheduler.kind == "asha"
         else FIFOScheduler()
     )
+    searcher = StudySearch(spec=spec, url=study_url, points_to_evaluate=points)
+    concurrency = _concurrency(spec, echo)
     return ray.tune.Tuner(
         function,
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=_budgeted(
-                StudySearch(spec=spec, url=study_url, points_to_evaluate=points), ledger
-            ),
+            search_alg=searcher if ledger is None else budgeted(searcher, ledger, concurrency),
             scheduler=scheduler,
             num_samples=spec.trials,
-            max_concurrent_trials=_concurrency(spec, echo),
+            max_concurrent_trials=concurrency if ledger is None else None,
             reuse_actors=True,
         ),
         run_config=run_config(
@@ -480,10 +496,6 @@ def _tuner(
             ledger=ledger,
         ),
     )
-
-
-def _budgeted(searcher: Any, ledger: Ledger | None) -> Any:
-    return searcher if ledger is None else BudgetSearch(searcher, ledger)
 
 
 def _within_budget(result: SearchResult, ledger: Ledger, *, requested: int) -> SearchResult:
@@ -553,6 +565,27 @@ def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
             "pass --resume to continue it or choose another --name"
         )
     return exists
+
+
+def _resumed(spec: SearchSpec, experiment_path: str, study_url: str) -> SearchSpec:
+    """The spec of a resumed search, with the budget it resumes under (`resumed_budget`):
+    checked against the budget it started with before anything is written."""
+    started = _started_budget(experiment_path, spec.name, study_url)
+    return spec.model_copy(update={"budget": resumed_budget(spec.name, started, spec.budget)})
+
+
+def _started_budget(experiment_path: str, name: str, study_url: str) -> BudgetSpec | None:
+    """The budget in the search's saved Tuner (`tuner.pkl`, as Tuner.restore reads it)."""
+    import ray.cloudpickle
+
+    filesystem, path = filesystem_for(experiment_path)
+    with storage_errors(experiment_path), filesystem.open_input_file(join(path, "tuner.pkl")) as f:
+        saved = f.readall()
+    with registered(name, study_url):  # its searcher reopens the study (read only)
+        state = ray.cloudpickle.loads(saved)
+    forget_ledger(name)  # unpickling registered its ledger; the restored Tuner brings its own
+    ledger = ledger_in(state["_tune_config"].search_alg)
+    return ledger.budget if ledger is not None else None
 
 
 def _settings(spec: SearchSpec) -> dict[str, Any]:
