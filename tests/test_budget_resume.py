@@ -131,3 +131,41 @@ def test_a_restored_generator_reopens_a_search_its_budget_stopped_only_with_room
     ledger.apply(BudgetSpec(cpu_hours=60 / 3600))
     generator.set_state(saved)
     assert not generator.is_finished() and not ledger.stopped
+
+
+def test_the_stopper_in_tunes_experiment_state_counts_on_the_restored_tuners_ledger():
+    """A resumed controller takes its stopper from Tune's experiment state, pickled apart from
+    tuner.pkl: its ledger must be the one the searcher and the costs callback use."""
+    import ray.cloudpickle
+
+    from segsearch.search.budget import BudgetSearch, BudgetStopper, Ledger, forget_ledger
+    from segsearch.search.refit import FixedConfigs
+    from segsearch.space import ResourcesSpec
+
+    ledger = Ledger("split", BudgetSpec(cpu_hours=10 / 3600), ResourcesSpec(), epochs=1)
+    tuner_pkl = ray.cloudpickle.dumps(BudgetSearch(FixedConfigs([{}]), ledger))
+    experiment_state = ray.cloudpickle.dumps(BudgetStopper(ledger))
+
+    forget_ledger("split")
+    search = ray.cloudpickle.loads(tuner_pkl)
+    search.ledger.apply(BudgetSpec(cpu_hours=60 / 3600))
+    stopper = ray.cloudpickle.loads(experiment_state)
+    assert stopper.ledger is search.ledger and stopper.ledger.limit_s == 60
+
+
+def test_the_trials_the_hard_limit_stops_end_in_the_searcher_with_their_latest_result():
+    """Tune stops every trial at the hard limit without telling the searcher; the generator
+    tells it, so the concurrency limit and the ledger hold no trial a resume would wait on."""
+    from segsearch.search.budget import Ledger, budgeted
+    from segsearch.search.refit import FixedConfigs
+    from segsearch.space import ResourcesSpec
+
+    ledger = Ledger("halted", BudgetSpec(cpu_hours=10 / 3600), ResourcesSpec(), epochs=2)
+    generator = budgeted(FixedConfigs([{}, {}]), ledger, concurrency=1)
+    limiter = generator.searcher
+    assert limiter.suggest("a") == {}
+    limiter.on_trial_result("a", {"epoch": 1})
+    ledger.record("a", 12, 1)
+    generator.set_finished()
+    assert generator.is_finished() and not limiter.live_trials and not ledger.live
+    assert ledger.finished == {"a"}

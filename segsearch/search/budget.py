@@ -118,11 +118,12 @@ class Ledger:
         _LEDGERS[search] = self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickled with a restored Tuner: the search's ledger from now on."""
+        """Unpickled with a restored Tuner (after `forget_ledger`): the search's ledger from now
+        on. A copy unpickled later (Tune's experiment state holds the stopper) is not."""
         self.__dict__.update(state)
         self._started = time.monotonic()
         self._seen = {}
-        _LEDGERS[self.search] = self
+        _LEDGERS.setdefault(self.search, self)
 
     def apply(self, budget: BudgetSpec) -> None:
         """Count against `budget` from now on: a resumed search's own, of this ledger's kind."""
@@ -199,6 +200,11 @@ class BudgetSearch(Searcher):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
         self.ledger = ledger
+        self.latest: dict[str, dict] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.latest = {}  # each running trial's latest result, this process only
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec):
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -216,9 +222,11 @@ class BudgetSearch(Searcher):
         return suggestion
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.latest[trial_id] = result
         self.searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        self.latest.pop(trial_id, None)
         self.ledger.ended(trial_id)
         self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
@@ -252,6 +260,16 @@ class BudgetGenerator(SearchGenerator):
         if stopped and ledger.may_start() is not False:
             self._finished = ledger.stopped = False
 
+    def set_finished(self) -> None:
+        """Tune calls this as it stops every unfinished trial at once (the budget's hard limit),
+        and tells the searcher of none of them: tell it here, with each one's latest result, so
+        the study, the concurrency limit and the ledger see them end (a search resumed under a
+        larger budget starts trials again only then)."""
+        super().set_finished()
+        search = _budget_search(self.searcher)
+        for trial_id in list(search.ledger.live if search else ()):
+            self.searcher.on_trial_complete(trial_id, result=search.latest.get(trial_id))
+
 
 def budgeted(searcher: Searcher, ledger: Ledger, *, concurrency: int) -> BudgetGenerator:
     """A budgeted search's algorithm, limited to `concurrency` trials at once as Tune would
@@ -262,9 +280,14 @@ def budgeted(searcher: Searcher, ledger: Ledger, *, concurrency: int) -> BudgetG
 
 def ledger_in(search_alg: Any) -> Ledger | None:
     """The ledger of the BudgetSearch in a search algorithm's wrappers (None: no budget)."""
+    search = _budget_search(search_alg)
+    return search.ledger if search is not None else None
+
+
+def _budget_search(search_alg: Any) -> BudgetSearch | None:
     while search_alg is not None and not isinstance(search_alg, BudgetSearch):
         search_alg = getattr(search_alg, "searcher", None)
-    return search_alg.ledger if search_alg is not None else None
+    return search_alg
 
 
 def resumed_budget(
@@ -293,6 +316,12 @@ class BudgetStopper(Stopper):
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Tune's experiment state holds the stopper too, with its own copy of the ledger, and a
+        resumed search's controller takes that one: it must count what the searcher counts."""
+        self.__dict__.update(state)
+        self.ledger = ledger_of(self.ledger.search) or self.ledger
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return False

@@ -472,17 +472,19 @@ def _tuner(
         if spec.scheduler.kind == "asha"
         else FIFOScheduler()
     )
-    searcher = StudySearch(spec=spec, url=study_url, points_to_evaluate=points)
-    concurrency = _concurrency(spec, echo)
+    search_alg: Any = StudySearch(spec=spec, url=study_url, points_to_evaluate=points)
+    concurrency: int | None = _concurrency(spec, echo)
+    if ledger is not None:  # limited inside the budget's generator
+        search_alg, concurrency = budgeted(search_alg, ledger, concurrency=concurrency), None
     return ray.tune.Tuner(
         function,
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=searcher if ledger is None else budgeted(searcher, ledger, concurrency),
+            search_alg=search_alg,
             scheduler=scheduler,
             num_samples=spec.trials,
-            max_concurrent_trials=concurrency if ledger is None else None,
+            max_concurrent_trials=concurrency,
             reuse_actors=True,
         ),
         run_config=run_config(
