@@ -41,14 +41,14 @@ def test_a_budget_that_cannot_apply_on_resume_is_one_line():
     with pytest.raises(UserError) as err:
         resumed_budget("s", BudgetSpec(cpu_hours=0.5), BudgetSpec(wall="6h"))
     assert str(err.value) == (
-        "budget wall=6h: search 's' started with budget cpu_hours=0.5 and resumes with a "
-        "budget of that kind only; give --budget cpu_hours=AMOUNT"
+        "budget wall=6h: search 's' has budget cpu_hours=0.5 and resumes with a budget of that "
+        "kind only; give --budget cpu_hours=AMOUNT"
     )
     with pytest.raises(UserError) as err:
         resumed_budget("s", None, BudgetSpec(wall="6h"))
     assert str(err.value) == (
-        "budget wall=6h: search 's' started without a budget and resumes without one; "
-        "start a new search (another --name) to search within a budget"
+        "budget wall=6h: search 's' has no budget and resumes without one; start a new search "
+        "(another --name) to search within a budget"
     )
 
 
@@ -88,7 +88,7 @@ def test_a_resumed_search_runs_under_the_budget_given_or_refuses_one_that_cannot
     assert first.budget.stopped and first.budget.trials_ran == 1
 
     before = _written(tmp_path, "rebudgeted", tracking)
-    with pytest.raises(UserError, match=r"^budget wall=6h: search 'rebudgeted' started with"):
+    with pytest.raises(UserError, match=r"^budget wall=6h: search 'rebudgeted' has budget cpu_"):
         search("rebudgeted", {"wall": "6h"}, resume=True)
     assert _written(tmp_path, "rebudgeted", tracking) == before
 
@@ -101,10 +101,12 @@ def test_a_resumed_search_runs_under_the_budget_given_or_refuses_one_that_cannot
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["segsearch.budget"] == resumed.budget.describe()
     assert "cpu_hours=1)" in parent.data.tags["segsearch.budget"]
+    again = search("rebudgeted", None, resume=True)  # keeps the budget it last resumed with
+    assert again.budget.budget == BudgetSpec(**LARGE) and len(again.trials) == TRIALS
 
     search("unbudgeted", None, trials=1)
     before = _written(tmp_path, "unbudgeted", tracking)
-    with pytest.raises(UserError, match=r"^budget cpu_hours=1: search 'unbudgeted' started with"):
+    with pytest.raises(UserError, match=r"^budget cpu_hours=1: search 'unbudgeted' has no budget"):
         search("unbudgeted", LARGE, resume=True, trials=1)
     assert _written(tmp_path, "unbudgeted", tracking) == before
 

@@ -18,12 +18,12 @@ three Tune parts share it:
   ledger.
 
 A `wall` budget counts the search's own wall time (across `--resume`) instead of device-seconds,
-and a trial's estimate is its wall time.
-
-A budget given on `--resume` replaces the one the search started with if it is of the same kind
-(`resumed_budget`); `BudgetGenerator` then lets a search its old budget stopped start trials
-again. The refit is not counted: it trains a known number of
+and a trial's estimate is its wall time. The refit is not counted: it trains a known number of
 epochs the user asked for after the search, and its cost is reported beside the search's.
+
+A budget given on `--resume` replaces the search's own if it is of the same kind
+(`resumed_budget`); `BudgetGenerator` then lets a search its old budget stopped start trials
+again.
 """
 
 from __future__ import annotations
@@ -294,19 +294,19 @@ def resumed_budget(
     search: str, started: BudgetSpec | None, given: BudgetSpec | None
 ) -> BudgetSpec | None:
     """The budget a resumed search runs under: the one given (space or --budget) if it is of
-    the kind it started with (what was spent is counted in that kind), else its own."""
+    the kind of the search's own (`started`: what was spent is counted in that kind), else its
+    own."""
     if given is None:
         return started
     if started is None:
         raise UserError(
-            f"budget {given.describe()}: search {search!r} started without a budget and resumes "
-            "without one; start a new search (another --name) to search within a budget"
+            f"budget {given.describe()}: search {search!r} has no budget and resumes without "
+            "one; start a new search (another --name) to search within a budget"
         )
     if given.kind != started.kind:
         raise UserError(
-            f"budget {given.describe()}: search {search!r} started with budget "
-            f"{started.describe()} and resumes with a budget of that kind only; give --budget "
-            f"{started.kind}=AMOUNT"
+            f"budget {given.describe()}: search {search!r} has budget {started.describe()} and "
+            f"resumes with a budget of that kind only; give --budget {started.kind}=AMOUNT"
         )
     return given
 

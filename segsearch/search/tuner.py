@@ -86,6 +86,8 @@ DATA_CPU_RESERVE = 1.0
 #: (its run is then ended as lost on resume). A save writes a few small files; an upload starts
 #: only when the previous one is done.
 STATE_SAVE_PERIOD_S = 1
+#: The budget a search last resumed with, beside Tune's state (its tuner.pkl keeps the first).
+BUDGET_FILE = "segsearch-budget.json"
 #: What --dashboard prints when Ray runs no dashboard this process can name.
 _NO_DASHBOARD = "none (Ray was already running in this process, or the cluster runs none)"
 #: Ray 2.60 guards its dashboard with a token by default; the token itself is never printed.
@@ -461,6 +463,7 @@ def _tuner(
         restored = ledger_of(spec.name)
         if restored is not None and spec.budget is not None:
             restored.apply(spec.budget)  # the budget it resumes with (`_resumed`)
+            _keep_budget(experiment_path, spec.budget)
         return tuner
     scheduler = (
         ASHAScheduler(
@@ -571,23 +574,38 @@ def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
 
 def _resumed(spec: SearchSpec, experiment_path: str, study_url: str) -> SearchSpec:
     """The spec of a resumed search, with the budget it resumes under (`resumed_budget`):
-    checked against the budget it started with before anything is written."""
+    checked against the search's own before anything is written."""
     started = _started_budget(experiment_path, spec.name, study_url)
     return spec.model_copy(update={"budget": resumed_budget(spec.name, started, spec.budget)})
 
 
 def _started_budget(experiment_path: str, name: str, study_url: str) -> BudgetSpec | None:
-    """The budget in the search's saved Tuner (`tuner.pkl`, as Tuner.restore reads it)."""
+    """The search's budget: the one it last resumed with (BUDGET_FILE), else the one in its
+    saved Tuner (`tuner.pkl`, as Tuner.restore reads it); None when it has none."""
+    import pyarrow.fs
     import ray.cloudpickle
 
     filesystem, path = filesystem_for(experiment_path)
-    with storage_errors(experiment_path), filesystem.open_input_file(join(path, "tuner.pkl")) as f:
-        saved = f.readall()
+    with storage_errors(experiment_path):
+        with filesystem.open_input_file(join(path, "tuner.pkl")) as file:
+            saved = file.readall()
+        kept = filesystem.get_file_info(join(path, BUDGET_FILE))
+        if kept.type == pyarrow.fs.FileType.File:
+            with filesystem.open_input_file(kept.path) as file:
+                return BudgetSpec.model_validate_json(file.readall())
     with registered(name, study_url):  # its searcher reopens the study (read only)
         state = ray.cloudpickle.loads(saved)
     forget_ledger(name)  # unpickling registered its ledger; the restored Tuner brings its own
     ledger = ledger_in(state["_tune_config"].search_alg)
     return ledger.budget if ledger is not None else None
+
+
+def _keep_budget(experiment_path: str, budget: BudgetSpec) -> None:
+    """Keep the budget a search resumes with, for its next resume (`_started_budget`)."""
+    filesystem, path = filesystem_for(experiment_path)
+    kept = join(path, BUDGET_FILE)
+    with storage_errors(experiment_path), filesystem.open_output_stream(kept) as file:
+        file.write(budget.model_dump_json(exclude_none=True).encode())
 
 
 def _settings(spec: SearchSpec) -> dict[str, Any]:
