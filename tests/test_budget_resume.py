@@ -79,10 +79,11 @@ def test_a_resumed_search_runs_under_the_budget_given_or_refuses_one_that_cannot
     make_demo_dataset(str(data), n_train=16, n_val=8, size=(32, 32), seed=3)
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     options = {"dataset": str(data), "storage": str(tmp_path / "runs"), "tracking_uri": tracking}
+    lines: list[str] = []
 
     def search(name: str, budget: dict | None, *, resume: bool = False, trials: int = TRIALS):
         space = {"name": name, **SPACE, "trials": trials, **({"budget": budget} if budget else {})}
-        return run_search(parse_space(space), resume=resume, echo=lambda line: None, **options)
+        return run_search(parse_space(space), resume=resume, echo=lines.append, **options)
 
     first = search("rebudgeted", TINY)
     assert first.budget.stopped and first.budget.trials_ran == 1
@@ -92,7 +93,9 @@ def test_a_resumed_search_runs_under_the_budget_given_or_refuses_one_that_cannot
         search("rebudgeted", {"wall": "6h"}, resume=True)
     assert _written(tmp_path, "rebudgeted", tracking) == before
 
+    lines.clear()
     resumed = search("rebudgeted", LARGE, resume=True)
+    assert f"budget: cpu_hours=1 from now on (was cpu_hours={TINY['cpu_hours']:g})" in lines
     assert resumed.budget.budget == BudgetSpec(**LARGE) and not resumed.budget.stopped
     assert resumed.budget.trials_ran == len(resumed.trials) == TRIALS
     client = MlflowClient(tracking)

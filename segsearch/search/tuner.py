@@ -214,7 +214,7 @@ def run_search(
         optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
     )
     if can_restore:
-        spec = _resumed(spec, experiment_path, study_url)
+        spec = _resumed(spec, experiment_path, study_url, echo)
     points = [] if can_restore else _new_study(spec, study_url, tracking_uri, echo)
     url = init_ray(address, dashboard=dashboard)
     if dashboard:
@@ -572,11 +572,16 @@ def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
     return exists
 
 
-def _resumed(spec: SearchSpec, experiment_path: str, study_url: str) -> SearchSpec:
+def _resumed(
+    spec: SearchSpec, experiment_path: str, study_url: str, echo: Callable[[str], None]
+) -> SearchSpec:
     """The spec of a resumed search, with the budget it resumes under (`resumed_budget`):
     checked against the search's own before anything is written."""
     started = _started_budget(experiment_path, spec.name, study_url)
-    return spec.model_copy(update={"budget": resumed_budget(spec.name, started, spec.budget)})
+    budget = resumed_budget(spec.name, started, spec.budget)
+    if started is not None and budget != started:
+        echo(f"budget: {budget.describe()} from now on (was {started.describe()})")
+    return spec.model_copy(update={"budget": budget})
 
 
 def _started_budget(experiment_path: str, name: str, study_url: str) -> BudgetSpec | None:
