@@ -403,7 +403,12 @@ def _print_result(result, *, as_json: bool = False) -> None:
         click.echo(f"error: all {len(failed)} trials failed ({failed[0]['error']})", err=True)
         sys.exit(EXIT_FAILED)
     if result.best_trial_id is None:
-        spent = f" ({result.budget.describe()}; raise the budget)" if result.budget else ""
+        budget = result.budget
+        spent = (
+            f" ({budget.describe()}; raise the budget: --resume --budget {budget.budget.kind}=MORE)"
+            if budget
+            else ""
+        )
         raise UserError(f"search {result.name!r}: no trial reported {result.metric}{spent}")
     if as_json:
         return

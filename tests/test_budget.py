@@ -182,7 +182,9 @@ def test_a_budget_spent_before_any_trial_says_so():
     report = BudgetReport(BudgetSpec(wall=40), 46.0, 0, 8, stopped=True)
     result = SearchResult("s", "val_miou", "max", None, None, {}, None, [], "x", budget=report)
     with pytest.raises(
-        UserError, match=r"budget spent: 0 of 8 trials ran; 46 of 40 wall-s .*raise"
+        UserError,
+        match=r"budget spent: 0 of 8 trials ran; 46 of 40 wall-s .*raise the budget: --resume "
+        r"--budget wall=MORE\)$",
     ):
         _print_result(result)
 
@@ -192,7 +194,13 @@ def test_a_restored_tuner_shares_one_ledger_that_knows_what_was_spent():
     restores the searcher's saved state into them: all three must then see that state."""
     import ray.cloudpickle
 
-    from segsearch.search.budget import BudgetSearch, BudgetStopper, TrialCosts, ledger_of
+    from segsearch.search.budget import (
+        BudgetSearch,
+        BudgetStopper,
+        TrialCosts,
+        forget_ledger,
+        ledger_of,
+    )
     from segsearch.search.refit import FixedConfigs
 
     resources = ResourcesSpec()
@@ -202,6 +210,7 @@ def test_a_restored_tuner_shares_one_ledger_that_knows_what_was_spent():
     _finished(ledger, "a", 12, 2)
     saved = parts[0].get_state()  # what Tune saves as the search goes
 
+    forget_ledger("resumed")  # as _tuner does before Tuner.restore
     search, stopper, costs = ray.cloudpickle.loads(pickled)
     assert search.ledger is stopper.ledger is costs.ledger is ledger_of("resumed")
     assert not stopper.stop_all()

@@ -20,6 +20,10 @@ three Tune parts share it:
 A `wall` budget counts the search's own wall time (across `--resume`) instead of device-seconds,
 and a trial's estimate is its wall time. The refit is not counted: it trains a known number of
 epochs the user asked for after the search, and its cost is reported beside the search's.
+
+A budget given on `--resume` replaces the search's own if it is of the same kind
+(`resumed_budget`); `BudgetGenerator` then lets a search its old budget stopped start trials
+again.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from ray.tune.stopper import Stopper
 
+from segsearch.errors import UserError
 from segsearch.search.capacity import trial_cpus
 from segsearch.space import BudgetSpec, ResourcesSpec
 from segsearch.values import is_number
@@ -113,11 +118,17 @@ class Ledger:
         _LEDGERS[search] = self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickled with a restored Tuner: the search's ledger from now on."""
+        """Unpickled with a restored Tuner (after `forget_ledger`): the search's ledger from now
+        on. A copy unpickled later (Tune's experiment state holds the stopper) is not."""
         self.__dict__.update(state)
         self._started = time.monotonic()
         self._seen = {}
-        _LEDGERS[self.search] = self
+        _LEDGERS.setdefault(self.search, self)
+
+    def apply(self, budget: BudgetSpec) -> None:
+        """Count against `budget` from now on: a resumed search's own, of this ledger's kind."""
+        self.budget = budget
+        self.limit_s = budget.limit_s
 
     def record(self, trial_id: str, seconds: float, epoch: int) -> None:
         """A trial's result: it has held its resources `seconds` by the end of `epoch`."""
@@ -189,6 +200,11 @@ class BudgetSearch(Searcher):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
         self.ledger = ledger
+        self.latest: dict[str, dict] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.latest = {}  # each running trial's latest result, this process only
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec):
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -206,9 +222,11 @@ class BudgetSearch(Searcher):
         return suggestion
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.latest[trial_id] = result
         self.searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        self.latest.pop(trial_id, None)
         self.ledger.ended(trial_id)
         self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
@@ -228,11 +246,82 @@ class BudgetSearch(Searcher):
         self.searcher.restore(checkpoint_path)
 
 
+class BudgetGenerator(SearchGenerator):
+    """Tune's generator of a budgeted search, which a resumed search with room left reopens.
+
+    Tune saves whether its generator has finished, and a restored one that has suggests no
+    trial: without this a search its budget stopped would stay stopped under a larger budget.
+    """
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        ledger = ledger_in(self.searcher)
+        stopped = self._finished and ledger is not None and ledger.stopped
+        if stopped and ledger.may_start() is not False:
+            self._finished = ledger.stopped = False
+
+    def set_finished(self) -> None:
+        """Tune calls this as it stops every unfinished trial at once (the budget's hard limit),
+        and tells the searcher of none of them: tell it here, with each one's latest result, so
+        the study, the concurrency limit and the ledger see them end (a search resumed under a
+        larger budget starts trials again only then)."""
+        super().set_finished()
+        search = _budget_search(self.searcher)
+        for trial_id in list(search.ledger.live if search else ()):
+            self.searcher.on_trial_complete(trial_id, result=search.latest.get(trial_id))
+
+
+def budgeted(searcher: Searcher, ledger: Ledger, *, concurrency: int) -> BudgetGenerator:
+    """A budgeted search's algorithm, limited to `concurrency` trials at once as Tune would
+    (its `max_concurrent_trials` limits only a Searcher it wraps itself)."""
+    limited = ConcurrencyLimiter(BudgetSearch(searcher, ledger), max_concurrent=concurrency)
+    return BudgetGenerator(limited)
+
+
+def ledger_in(search_alg: Any) -> Ledger | None:
+    """The ledger of the BudgetSearch in a search algorithm's wrappers (None: no budget)."""
+    search = _budget_search(search_alg)
+    return search.ledger if search is not None else None
+
+
+def _budget_search(search_alg: Any) -> BudgetSearch | None:
+    while search_alg is not None and not isinstance(search_alg, BudgetSearch):
+        search_alg = getattr(search_alg, "searcher", None)
+    return search_alg
+
+
+def resumed_budget(
+    search: str, started: BudgetSpec | None, given: BudgetSpec | None
+) -> BudgetSpec | None:
+    """The budget a resumed search runs under: the one given (space or --budget) if it is of
+    the kind of the search's own (`started`: what was spent is counted in that kind), else its
+    own."""
+    if given is None:
+        return started
+    if started is None:
+        raise UserError(
+            f"budget {given.describe()}: search {search!r} has no budget and resumes without "
+            "one; start a new search (another --name) to search within a budget"
+        )
+    if given.kind != started.kind:
+        raise UserError(
+            f"budget {given.describe()}: search {search!r} has budget {started.describe()} and "
+            f"resumes with a budget of that kind only; give --budget {started.kind}=AMOUNT"
+        )
+    return given
+
+
 class BudgetStopper(Stopper):
     """Stops every trial at the hard limit (the budget itself)."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Tune's experiment state holds the stopper too, with its own copy of the ledger, and a
+        resumed search's controller takes that one: it must count what the searcher counts."""
+        self.__dict__.update(state)
+        self.ledger = ledger_of(self.ledger.search) or self.ledger
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return False

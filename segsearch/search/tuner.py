@@ -20,16 +20,19 @@ from segsearch.config import TrialConfig
 from segsearch.data.fingerprint import dataset_fingerprint
 from segsearch.data.format import DatasetInfo
 from segsearch.data.shards import OpenedDataset, open_dataset
+from segsearch.data.storage import filesystem_for, join, storage_errors
 from segsearch.data.trial_data import SearchData
 from segsearch.errors import UserError, last_line, user_error_in
 from segsearch.mlflow_uri import check_tracking_server, resolve_tracking_uri, without_password
 from segsearch.search.budget import (
     BudgetReport,
-    BudgetSearch,
     Ledger,
     budget_report,
+    budgeted,
     forget_ledger,
+    ledger_in,
     ledger_of,
+    resumed_budget,
     total_cost,
     with_costs,
 )
@@ -64,7 +67,14 @@ from segsearch.search.trial import (
     trainable,
 )
 from segsearch.search.warm_start import warm_start_points
-from segsearch.space import SearchSpec, check_budget, enqueued_points, nest, search_image_sizes
+from segsearch.space import (
+    BudgetSpec,
+    SearchSpec,
+    check_budget,
+    enqueued_points,
+    nest,
+    search_image_sizes,
+)
 from segsearch.tracking import SearchTracker
 
 #: The parent run's tag that says how the search went against its budget.
@@ -76,6 +86,8 @@ DATA_CPU_RESERVE = 1.0
 #: (its run is then ended as lost on resume). A save writes a few small files; an upload starts
 #: only when the previous one is done.
 STATE_SAVE_PERIOD_S = 1
+#: The budget a search last resumed with, beside Tune's state (its tuner.pkl keeps the first).
+BUDGET_FILE = "segsearch-budget.json"
 #: What --dashboard prints when Ray runs no dashboard this process can name.
 _NO_DASHBOARD = "none (Ray was already running in this process, or the cluster runs none)"
 #: Ray 2.60 guards its dashboard with a token by default; the token itself is never printed.
@@ -201,6 +213,8 @@ def run_search(
     study_url = resolve_study_storage(
         optuna_storage, tracking_uri=resolve_tracking_uri(tracking_uri), storage=storage
     )
+    if can_restore:
+        spec = _resumed(spec, experiment_path, study_url, echo)
     points = [] if can_restore else _new_study(spec, study_url, tracking_uri, echo)
     url = init_ray(address, dashboard=dashboard)
     if dashboard:
@@ -442,10 +456,15 @@ def _tuner(
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
     if restore:
         echo(f"resuming search {spec.name!r} from {experiment_path}")
-        forget_ledger(spec.name)  # the search keeps the budget it started with
-        return ray.tune.Tuner.restore(
+        forget_ledger(spec.name)  # the restored Tuner brings its own ledger
+        tuner = ray.tune.Tuner.restore(
             experiment_path, trainable=function, resume_unfinished=True, resume_errored=True
         )
+        restored = ledger_of(spec.name)
+        if restored is not None and spec.budget is not None:
+            restored.apply(spec.budget)  # the budget it resumes with (`_resumed`)
+            _keep_budget(experiment_path, spec.budget)
+        return tuner
     scheduler = (
         ASHAScheduler(
             time_attr="epoch",  # a trial Tune restarted counts its iterations from 1 again
@@ -456,17 +475,19 @@ def _tuner(
         if spec.scheduler.kind == "asha"
         else FIFOScheduler()
     )
+    search_alg: Any = StudySearch(spec=spec, url=study_url, points_to_evaluate=points)
+    concurrency: int | None = _concurrency(spec, echo)
+    if ledger is not None:  # limited inside the budget's generator
+        search_alg, concurrency = budgeted(search_alg, ledger, concurrency=concurrency), None
     return ray.tune.Tuner(
         function,
         tune_config=ray.tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=_budgeted(
-                StudySearch(spec=spec, url=study_url, points_to_evaluate=points), ledger
-            ),
+            search_alg=search_alg,
             scheduler=scheduler,
             num_samples=spec.trials,
-            max_concurrent_trials=_concurrency(spec, echo),
+            max_concurrent_trials=concurrency,
             reuse_actors=True,
         ),
         run_config=run_config(
@@ -480,10 +501,6 @@ def _tuner(
             ledger=ledger,
         ),
     )
-
-
-def _budgeted(searcher: Any, ledger: Ledger | None) -> Any:
-    return searcher if ledger is None else BudgetSearch(searcher, ledger)
 
 
 def _within_budget(result: SearchResult, ledger: Ledger, *, requested: int) -> SearchResult:
@@ -553,6 +570,47 @@ def _can_restore(experiment_path: str, *, resume: bool, name: str) -> bool:
             "pass --resume to continue it or choose another --name"
         )
     return exists
+
+
+def _resumed(
+    spec: SearchSpec, experiment_path: str, study_url: str, echo: Callable[[str], None]
+) -> SearchSpec:
+    """The spec of a resumed search, with the budget it resumes under (`resumed_budget`):
+    checked against the search's own before anything is written."""
+    started = _started_budget(experiment_path, spec.name, study_url)
+    budget = resumed_budget(spec.name, started, spec.budget)
+    if started is not None and budget != started:
+        echo(f"budget: {budget.describe()} from now on (was {started.describe()})")
+    return spec.model_copy(update={"budget": budget})
+
+
+def _started_budget(experiment_path: str, name: str, study_url: str) -> BudgetSpec | None:
+    """The search's budget: the one it last resumed with (BUDGET_FILE), else the one in its
+    saved Tuner (`tuner.pkl`, as Tuner.restore reads it); None when it has none."""
+    import pyarrow.fs
+    import ray.cloudpickle
+
+    filesystem, path = filesystem_for(experiment_path)
+    with storage_errors(experiment_path):
+        with filesystem.open_input_file(join(path, "tuner.pkl")) as file:
+            saved = file.readall()
+        kept = filesystem.get_file_info(join(path, BUDGET_FILE))
+        if kept.type == pyarrow.fs.FileType.File:
+            with filesystem.open_input_file(kept.path) as file:
+                return BudgetSpec.model_validate_json(file.readall())
+    with registered(name, study_url):  # its searcher reopens the study (read only)
+        state = ray.cloudpickle.loads(saved)
+    forget_ledger(name)  # unpickling registered its ledger; the restored Tuner brings its own
+    ledger = ledger_in(state["_tune_config"].search_alg)
+    return ledger.budget if ledger is not None else None
+
+
+def _keep_budget(experiment_path: str, budget: BudgetSpec) -> None:
+    """Keep the budget a search resumes with, for its next resume (`_started_budget`)."""
+    filesystem, path = filesystem_for(experiment_path)
+    kept = join(path, BUDGET_FILE)
+    with storage_errors(experiment_path), filesystem.open_output_stream(kept) as file:
+        file.write(budget.model_dump_json(exclude_none=True).encode())
 
 
 def _settings(spec: SearchSpec) -> dict[str, Any]:
