@@ -48,8 +48,8 @@ Exact = BeforeValidator(_no_lookalike)
 
 
 def _size_from_text(value: Any) -> Any:
-    """ "HEIGHTxWIDTH" → [height, width]: a search space's `choice` values are scalars, so a
-    searched size is written as text; anything else is left for the field's own rule."""
+    """A size written as text, "HEIGHTxWIDTH", as [height, width]: a search space's `choice`
+    values are scalars, so a searched size is text; anything else is left to the field's rule."""
     if isinstance(value, str):
         height, sep, width = value.lower().partition("x")
         if sep and height.strip().isdigit() and width.strip().isdigit():

@@ -172,6 +172,31 @@ def test_a_trial_trains_with_two_ddp_workers(ray_cluster, tiny_dataset, tmp_path
     assert "manifest.json" in {artifact.path for artifact in logged}
 
 
+def test_a_searched_image_size_is_decoded_once_and_trials_train_on_crops(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    space = tiny_space("scales", trials=2, epochs=1, max_concurrent=1)
+    space["sampler"] = {"kind": "random", "seed": 0}
+    space["fixed"] = {"batch_size": 8, "model.depth": 2, "aug.crop": "16x16"}
+    space["space"] = {"image_size": {"choice": ["16x16", "32x32"]}}
+    space["enqueue"] = [{"image_size": "32x32"}, {"image_size": "16x16"}]
+    lines: list[str] = []
+    result = run_search(
+        parse_space(space),
+        dataset=tiny_dataset,
+        storage=str(tmp_path),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        echo=lines.append,
+    )
+    assert any(line.startswith("data: decoded once at 16x16, 32x32") for line in lines), lines
+    assert {t["config"]["image_size"] for t in result.trials} == {"16x16", "32x32"}
+    for trial in result.trials:
+        assert trial["error"] is None and trial["epochs"] == 1
+        _, meta = load_model(trial["checkpoint"])
+        side = int(trial["config"]["image_size"].partition("x")[0])
+        assert meta["image_size"] == [side, side] and meta["config"]["aug"]["crop"] == [16, 16]
+
+
 @pytest.mark.slow
 def test_asha_stops_trials_that_cannot_learn(ray_cluster, tiny_dataset, tmp_path):
     # Random sampling with seed 6 draws lr 0.02, 0.02, 1e-12: the third cannot learn.
