@@ -36,7 +36,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from isbi import ingest_isbi
@@ -87,6 +87,8 @@ class Outcome:
     epochs: list[tuple[str, float]]
     epoch_cost: dict[str, float]
     refit_image_epochs: float = 0.0
+    #: The sampled parameters of the configuration the search ended with (its best trial's).
+    chosen: dict[str, Any] = field(default_factory=dict)
 
     def image_epochs_to_reach(self, target: float, cost: dict[str, float]) -> float | None:
         """Image-epochs spent, in report order, when an epoch first scored `target`; `cost` is
@@ -184,6 +186,10 @@ def run(
         epochs=epoch_order(result.trials),
         epoch_cost=cost,
         refit_image_epochs=refit,
+        chosen=next(
+            (row["config"] for row in result.trials if row["trial_id"] == result.best_trial_id),
+            {},
+        ),
     )
 
 
@@ -334,6 +340,8 @@ def main() -> None:
             for outcome in outcomes:
                 rows[outcome.label].append(outcome)
             print(seed_table(seed, outcomes), flush=True)
+            for outcome in outcomes[:-1]:
+                print(f"  {outcome.label} chose {outcome.chosen}", flush=True)
     print(summary(rows))
     print(f"wall time {time.perf_counter() - started:.0f} s")
 
