@@ -53,6 +53,7 @@ from segsearch.search.refit import (
     spent,
     training_images,
 )
+from segsearch.search.scheduler import trial_scheduler
 from segsearch.search.study import (
     StudySearch,
     check_new_study,
@@ -448,7 +449,6 @@ def _tuner(
     a one-worker trial finds torch and the training code already imported.
     """
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     storage = context.storage
     function = trainable(context)
@@ -465,16 +465,6 @@ def _tuner(
             restored.apply(spec.budget)  # the budget it resumes with (`_resumed`)
             _keep_budget(experiment_path, spec.budget)
         return tuner
-    scheduler = (
-        ASHAScheduler(
-            time_attr="epoch",  # a trial Tune restarted counts its iterations from 1 again
-            max_t=spec.epochs,
-            grace_period=spec.scheduler.grace_for(spec.epochs),
-            reduction_factor=spec.scheduler.reduction_factor,
-        )
-        if spec.scheduler.kind == "asha"
-        else FIFOScheduler()
-    )
     search_alg: Any = StudySearch(spec=spec, url=study_url, points_to_evaluate=points)
     concurrency: int | None = _concurrency(spec, echo)
     if ledger is not None:  # limited inside the budget's generator
@@ -485,7 +475,7 @@ def _tuner(
             metric=spec.metric,
             mode=spec.mode,
             search_alg=search_alg,
-            scheduler=scheduler,
+            scheduler=trial_scheduler(spec),
             num_samples=spec.trials,
             max_concurrent_trials=concurrency,
             reuse_actors=True,
