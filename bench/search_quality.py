@@ -3,9 +3,10 @@
 ISBI 2012 membranes (bench/isbi.py: 18 train, 6 val, 6 test images, trained at --size), per seed:
 
 - TPE+ASHA: a search over SPACE and the training sizes --search-sizes (--trials trials of up to
-  --trial-epochs epochs, ASHA) whose first trial is the baseline's configuration (`enqueue:`),
-  then the best configuration refit for --refit-epochs epochs on the train split (or train+val:
-  --refit-on), from its trial's best checkpoint or from scratch (--refit-from);
+  --trial-epochs epochs, ASHA) whose first trials are the baseline's configuration at each of
+  those sizes (`enqueue:`), then the best configuration refit for --refit-epochs epochs on the
+  train split (or train+val: --refit-on), from its trial's best checkpoint or from scratch
+  (--refit-from);
 - random (unless --skip-random): the same space and refit, random sampling, no early stopping,
   as many whole trials as fit in the TPE+ASHA search's spent compute;
 - baseline: the hand-configured U-Net (CE, AdamW, flips) given the TPE+ASHA search + refit's
@@ -118,7 +119,7 @@ def space(name: str, *, sampler: str, seed: int, args: argparse.Namespace, trial
         },
         "fixed": {"batch_size": 4, "seed": seed, "aug.crop": [args.size, args.size]},
         "space": {**SPACE, "image_size": {"choice": [_text(size) for size in args.search_sizes]}},
-        "enqueue": [{**ENQUEUED, "image_size": _text(args.size)}],
+        "enqueue": [{**ENQUEUED, "image_size": _text(side)} for side in args.search_sizes],
     }
 
 
