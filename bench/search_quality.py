@@ -4,9 +4,9 @@ ISBI 2012 membranes (bench/isbi.py: 18 train, 6 val, 6 test images, trained at -
 
 - TPE+ASHA: a search over SPACE and the training sizes --search-sizes (--trials trials of up to
   --trial-epochs epochs, ASHA) whose first trials are the baseline's configuration at each of
-  those sizes (`enqueue:`), then the best configuration refit for --refit-epochs epochs on the
-  train split (or train+val: --refit-on), from its trial's best checkpoint or from scratch
-  (--refit-from);
+  those sizes (`enqueue:`), then its best --refit-top-k configurations refit for --refit-epochs
+  epochs on the train split (or train+val: --refit-on), from their trials' best checkpoints or
+  from scratch (--refit-from); the refit best by val is the search's model;
 - random (unless --skip-random): the same space and refit, random sampling, no early stopping,
   as many whole trials as fit in the TPE+ASHA search's spent compute;
 - baseline: the hand-configured U-Net (CE, AdamW, flips) given the TPE+ASHA search + refit's
@@ -24,8 +24,9 @@ scored by `segsearch evaluate` on the held-out test split at the images' own 512
 resolution. "To reach" is the image-epochs a search had spent, in the order its epochs were
 reported, when it first matched random search's best val mIoU.
 
-    python bench/search_quality.py [--seeds 3] [--size 128] [--search-sizes 128]
+    python bench/search_quality.py [--seeds 3] [--size 128] [--search-sizes 128,256]
                                    [--trials 6] [--trial-epochs 12] [--refit-epochs 30]
+                                   [--refit-top-k 2]
                                    [--refit-from checkpoint|scratch] [--refit-on train|train+val]
                                    [--baseline-on train|train+val] [--skip-random]
 """
@@ -45,6 +46,7 @@ from search_efficiency import epoch_order
 
 from segsearch.config import check_image_size
 from segsearch.ray_setup import init_ray
+from segsearch.search.refit import chosen_refit
 from segsearch.search.tuner import SearchResult, run_search
 from segsearch.space import parse_space
 
@@ -88,7 +90,7 @@ class Outcome:
     epochs: list[tuple[str, float]]
     epoch_cost: dict[str, float]
     refit_image_epochs: float = 0.0
-    #: The sampled parameters of the configuration the search ended with (its best trial's).
+    #: The configuration of the model the search ended with (`_chosen`).
     chosen: dict[str, Any] = field(default_factory=dict)
 
     def image_epochs_to_reach(self, target: float, cost: dict[str, float]) -> float | None:
@@ -113,7 +115,7 @@ def space(name: str, *, sampler: str, seed: int, args: argparse.Namespace, trial
         "scheduler": asha if sampler == "tpe" else {"kind": "none"},
         "refit": {
             "epochs": args.refit_epochs,
-            "top_k": 1,
+            "top_k": args.refit_top_k,
             "on": args.refit_on,
             "from": args.refit_from,
         },
@@ -187,11 +189,17 @@ def run(
         epochs=epoch_order(result.trials),
         epoch_cost=cost,
         refit_image_epochs=refit,
-        chosen=next(
-            (row["config"] for row in result.trials if row["trial_id"] == result.best_trial_id),
-            {},
-        ),
+        chosen=_chosen(result),
     )
+
+
+def _chosen(result: SearchResult) -> dict[str, Any]:
+    """The configuration of the model the search ends with: its chosen refit's, else its best
+    trial's."""
+    refit = chosen_refit(result.refit)
+    if refit is not None:
+        return refit["config"]
+    return next((t["config"] for t in result.trials if t["trial_id"] == result.best_trial_id), {})
 
 
 def _pixel_share(config: dict[str, Any], fixed: dict[str, Any], size: int) -> float:
@@ -257,11 +265,18 @@ def main() -> None:
         "--search-sizes",
         type=sides,
         default=None,
-        help="square training sides the searches draw from, comma-separated (default: --size)",
+        help="square training sides the searches draw from, comma-separated "
+        "(default: --size and twice --size)",
     )
     parser.add_argument("--trials", type=int, default=6, help="TPE+ASHA trials")
     parser.add_argument("--trial-epochs", type=int, default=12, help="epochs per trial at most")
     parser.add_argument("--refit-epochs", type=int, default=30)
+    parser.add_argument(
+        "--refit-top-k",
+        type=int,
+        default=2,
+        help="refit the search's best K configurations; the best by val is the search's model",
+    )
     parser.add_argument(
         "--refit-from",
         choices=["checkpoint", "scratch"],
@@ -282,7 +297,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-random", action="store_true", help="no random-search arm")
     args = parser.parse_args()
-    args.search_sizes = args.search_sizes or [args.size]
+    args.search_sizes = args.search_sizes or [args.size, 2 * args.size]
     started = time.perf_counter()
     rows: dict[str, list[Outcome]] = {"TPE+ASHA": [], "random": [], "baseline": []}
     with tempfile.TemporaryDirectory(prefix="segsearch-quality-") as tmp:
