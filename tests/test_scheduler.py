@@ -53,8 +53,10 @@ def test_asha_ranks_a_trial_at_its_rung_by_its_best_epoch_so_far():
 
 def test_an_epoch_without_a_score_or_a_nan_one_keeps_the_trials_best_and_none_stops_nothing():
     scheduler = trial_scheduler(spec())
-    first, diverged = started(scheduler, "first", "diverged")
+    first, diverged, later = started(scheduler, "first", "diverged", "later")
     assert scheduler.on_trial_result(None, first, {"epoch": 1}) == CONTINUE
     assert report(scheduler, first, 0.5, 0.5) == [CONTINUE, CONTINUE]
     assert report(scheduler, diverged, 0.6, math.nan) == [CONTINUE, CONTINUE]
+    # The rung holds `diverged` at 0.6, not NaN, so 0.55 is below the top third of 0.5 and 0.6.
+    assert report(scheduler, later, 0.55, 0.55) == [CONTINUE, STOP]
     assert isinstance(trial_scheduler(spec(scheduler={"kind": "none"})), FIFOScheduler)

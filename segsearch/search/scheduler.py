@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from segsearch.search.epochs import score_of
 from segsearch.space import SearchSpec
 from segsearch.values import is_number
 
@@ -34,14 +34,15 @@ class BestEpochASHA(ASHAScheduler):
 
     def _so_far(self, trial: Any, result: dict) -> dict:
         """`result` with its metric replaced by the trial's best score up to this epoch."""
-        score = result.get(self._metric)
-        if not is_number(score):
+        if not is_number(result.get(self._metric)):
             return result
+        score = score_of(result, self._metric)  # None for NaN
         earlier = self._best.get(trial.trial_id)
-        if earlier is not None and not self._metric_op * score >= self._metric_op * earlier:
+        if earlier is not None and (score is None or self._metric_op * (score - earlier) < 0):
             score = earlier  # a worse epoch, or a NaN one, does not lower the trial's best
-        if not math.isnan(score):
-            self._best[trial.trial_id] = score
+        if score is None:
+            return result
+        self._best[trial.trial_id] = score
         return {**result, self._metric: score}
 
 
