@@ -46,7 +46,6 @@ from search_efficiency import epoch_order
 
 from segsearch.config import check_image_size
 from segsearch.ray_setup import init_ray
-from segsearch.search.refit import chosen_refit
 from segsearch.search.tuner import SearchResult, run_search
 from segsearch.space import parse_space
 
@@ -90,7 +89,7 @@ class Outcome:
     epochs: list[tuple[str, float]]
     epoch_cost: dict[str, float]
     refit_image_epochs: float = 0.0
-    #: The configuration of the model the search ended with (`_chosen`).
+    #: The configuration of the model the search ended with (`SearchResult.final`).
     chosen: dict[str, Any] = field(default_factory=dict)
 
     def image_epochs_to_reach(self, target: float, cost: dict[str, float]) -> float | None:
@@ -189,17 +188,8 @@ def run(
         epochs=epoch_order(result.trials),
         epoch_cost=cost,
         refit_image_epochs=refit,
-        chosen=_chosen(result),
+        chosen=result.final["config"] if result.final else {},
     )
-
-
-def _chosen(result: SearchResult) -> dict[str, Any]:
-    """The configuration of the model the search ends with: its chosen refit's, else its best
-    trial's."""
-    refit = chosen_refit(result.refit)
-    if refit is not None:
-        return refit["config"]
-    return next((t["config"] for t in result.trials if t["trial_id"] == result.best_trial_id), {})
 
 
 def _pixel_share(config: dict[str, Any], fixed: dict[str, Any], size: int) -> float:

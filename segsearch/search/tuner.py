@@ -125,10 +125,14 @@ class SearchResult:
     pareto: ParetoFront | None = None  # a multi-objective search's front
 
     @property
+    def final(self) -> dict[str, Any] | None:
+        """The row of the model the search ends with: its chosen refit's, else its best
+        trial's (the first row, when it has a score)."""
+        return chosen_refit(self.refit) or (self.trials[0] if self.best_trial_id else None)
+
+    @property
     def final_checkpoint(self) -> str | None:
-        """The model the search ends with: its chosen refit's, else its best trial's."""
-        chosen = chosen_refit(self.refit)
-        return chosen["checkpoint"] if chosen else self.best_checkpoint
+        return self.final["checkpoint"] if self.final else None
 
     @property
     def worst_metric(self) -> float | None:
@@ -274,7 +278,7 @@ def run_search(
             spec, context(), tracker, searched, restore=restore_refit, echo=echo
         )
     refit = chosen_refit(result.refit)
-    final = refit or (result.trials[0] if result.best_trial_id else None)
+    final = result.final
     evaluation = None
     if final is not None and final["checkpoint"]:
         try:
